@@ -1,0 +1,107 @@
+"""Process groups and devices: NCCL on GPUs, gloo on CPU, Megatron's parallel state on top.
+
+Every entry point (trainer, converters, benchmarks, tests) calls ``init_distributed`` once. It
+reads the usual torchrun variables (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``,
+``MASTER_PORT``); without them it starts a world of one, so the tools also run as plain
+``python script.py``.
+"""
+
+import datetime
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from srpo_megatron.runtime.cpu import apply_cpu_runtime
+
+
+@dataclass(frozen=True)
+class ParallelLayout:
+    """How the world is split. ``dp`` is derived: world_size / (tp * pp)."""
+
+    tp: int = 1
+    pp: int = 1
+
+    def data_parallel_size(self, world_size: int) -> int:
+        if self.tp < 1 or self.pp < 1:
+            raise ValueError(f"tp and pp must be >= 1, got tp={self.tp} pp={self.pp}")
+        model_parallel = self.tp * self.pp
+        if world_size % model_parallel:
+            raise ValueError(
+                f"world size {world_size} is not divisible by tp*pp = {self.tp}*{self.pp} = {model_parallel}"
+            )
+        return world_size // model_parallel
+
+
+def get_device() -> torch.device:
+    """This rank's device: ``cuda:LOCAL_RANK`` when CUDA is present, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def find_free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def init_distributed(
+    layout: ParallelLayout = ParallelLayout(),
+    *,
+    seed: int = 1234,
+    timeout_minutes: int = 30,
+    megatron: bool = True,
+) -> None:
+    """Start torch.distributed (if not started) and Megatron's parallel state for ``layout``.
+
+    On a machine without CUDA the Megatron CPU runtime is applied first and the backend is gloo.
+    ``seed`` seeds Python-side torch RNG and Megatron's model-parallel RNG tracker (same seed on
+    every rank; Megatron offsets it per TP rank where weights must differ).
+    """
+    on_gpu = torch.cuda.is_available()
+    if not on_gpu:
+        apply_cpu_runtime()
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(find_free_port()))
+        rank = int(os.environ.get("RANK", "0"))
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        if on_gpu:
+            torch.cuda.set_device(get_device())
+        dist.init_process_group(
+            backend="nccl" if on_gpu else "gloo",
+            rank=rank,
+            world_size=world_size,
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+        )
+    layout.data_parallel_size(dist.get_world_size())  # validates before Megatron asserts
+    torch.manual_seed(seed)
+    if not megatron:
+        return
+
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=layout.tp,
+        pipeline_model_parallel_size=layout.pp,
+        distributed_timeout_minutes=timeout_minutes,
+    )
+    model_parallel_cuda_manual_seed(seed)
+
+
+def destroy_distributed() -> None:
+    try:
+        from megatron.core import parallel_state
+
+        if parallel_state.model_parallel_is_initialized():
+            parallel_state.destroy_model_parallel()
+    except ImportError:
+        pass
+    if dist.is_initialized():
+        dist.destroy_process_group()
