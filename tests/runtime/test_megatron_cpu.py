@@ -6,48 +6,9 @@ import torch
 
 from srpo_megatron.runtime.distributed import ParallelLayout, init_distributed
 from srpo_megatron.runtime.launch import run_distributed
+from srpo_megatron.runtime.smoke import build_tiny_gpt, random_batch, train_steps
 
 VOCAB, SEQ, BATCH, LAYERS = 96, 16, 4, 4
-
-
-def build_gpt(pre_process=True, post_process=True):
-    """A tiny Qwen3-shaped GPTModel on Megatron's local spec: RMSNorm, SwiGLU, GQA, qk-norm, RoPE."""
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    from megatron.core.transformer import TransformerConfig
-
-    config = TransformerConfig(
-        num_layers=LAYERS,
-        hidden_size=64,
-        num_attention_heads=4,
-        num_query_groups=2,
-        kv_channels=24,  # head_dim independent of hidden/heads, as in Qwen3
-        ffn_hidden_size=128,
-        normalization="RMSNorm",
-        gated_linear_unit=True,
-        activation_func=torch.nn.functional.silu,
-        add_bias_linear=False,
-        qk_layernorm=True,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        use_cpu_initialization=True,  # full master weights then split: same weights at any TP
-        params_dtype=torch.float32,
-        tensor_model_parallel_size=_parallel_state().get_tensor_model_parallel_world_size(),
-        pipeline_model_parallel_size=_parallel_state().get_pipeline_model_parallel_world_size(),
-        pipeline_dtype=torch.float32,
-    )
-    spec = get_gpt_layer_local_spec(qk_layernorm=True, normalization="RMSNorm")
-    return GPTModel(
-        config,
-        spec,
-        vocab_size=VOCAB,
-        max_sequence_length=SEQ,
-        pre_process=pre_process,
-        post_process=post_process,
-        position_embedding_type="rope",
-        rotary_base=1_000_000,
-        share_embeddings_and_output_weights=False,
-    )
 
 
 def _parallel_state():
@@ -56,11 +17,12 @@ def _parallel_state():
     return parallel_state
 
 
+def build_gpt(pre_process=True, post_process=True):
+    return build_tiny_gpt(VOCAB, SEQ, LAYERS, pre_process=pre_process, post_process=post_process)
+
+
 def _batch(seed=0):
-    g = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(0, VOCAB, (BATCH, SEQ + 1), generator=g)
-    position_ids = torch.arange(SEQ).expand(BATCH, SEQ)
-    return tokens[:, :-1], tokens[:, 1:], position_ids
+    return random_batch(BATCH, SEQ, VOCAB, seed=seed)
 
 
 def _loss(model, seed=0):
@@ -148,36 +110,8 @@ def test_pp2_one_f_one_b_matches_pp1():
     assert stage1 == pytest.approx(ref, abs=1e-5)
 
 
-def _train_steps(num_steps=6):
-    """DDP + Megatron's AdamW on TP=2: the loss on a fixed batch goes down."""
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-
-    model = build_gpt()
-    ddp = DistributedDataParallel(
-        model.config, DistributedDataParallelConfig(use_distributed_optimizer=False), model
-    )
-    optimizer = get_megatron_optimizer(
-        OptimizerConfig(
-            optimizer="adam", lr=3e-3, weight_decay=0.01, clip_grad=1.0, params_dtype=torch.float32
-        ),
-        [ddp],
-    )
-    losses = []
-    for _ in range(num_steps):
-        ddp.zero_grad_buffer()
-        optimizer.zero_grad()
-        loss = _loss(ddp)
-        loss.backward()
-        ddp.finish_grad_sync()
-        ok, grad_norm, _ = optimizer.step()
-        assert ok and torch.isfinite(torch.tensor(grad_norm))
-        losses.append(loss.item())
-    return losses
-
-
 def test_ddp_optimizer_steps_lower_the_loss():
-    losses0, losses1 = run_distributed(_train_steps, world_size=2, layout=ParallelLayout(tp=2))
+    losses0, losses1 = run_distributed(train_steps, world_size=2, layout=ParallelLayout(tp=2), args=(6,))
     assert losses0 == losses1
     assert losses0[-1] < losses0[0] - 0.1, losses0
 
