@@ -12,7 +12,9 @@ import torch
 STD_EPS = 1e-6
 
 
-def compute_group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, std_norm: bool = False) -> torch.Tensor:
+def compute_group_advantages(
+    rewards: torch.Tensor, group_ids: torch.Tensor, std_norm: bool = False
+) -> torch.Tensor:
     """Per-rollout group-relative advantages.
 
     Args:
@@ -23,7 +25,9 @@ def compute_group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, std
         [B] float32 advantages (no grad).
     """
     if rewards.dim() != 1 or rewards.shape != group_ids.shape:
-        raise ValueError(f"rewards and group_ids must both be [B], got {tuple(rewards.shape)} and {tuple(group_ids.shape)}")
+        raise ValueError(
+            f"rewards and group_ids must both be [B], got {tuple(rewards.shape)} and {tuple(group_ids.shape)}"
+        )
     rewards = rewards.detach().float()
     _, group = torch.unique(group_ids, return_inverse=True)  # [B] dense ids 0..num_groups-1
     num_groups = int(group.max()) + 1 if group.numel() else 0

@@ -84,7 +84,9 @@ class AlgorithmConfig:
         if not 0.0 <= self.mix_lambda <= 1.0:
             raise ValueError(f"algorithm.mix_lambda must be in [0, 1], got {self.mix_lambda}")
         if self.teacher_max_prompt_len < 1:
-            raise ValueError(f"algorithm.teacher_max_prompt_len must be >= 1, got {self.teacher_max_prompt_len}")
+            raise ValueError(
+                f"algorithm.teacher_max_prompt_len must be >= 1, got {self.teacher_max_prompt_len}"
+            )
 
     @property
     def uses_teacher(self) -> bool:

@@ -30,7 +30,7 @@ import torch
 
 from srpo_megatron.algorithms.config import AlgorithmConfig
 from srpo_megatron.algorithms.distillation import compute_distill_is_weights, compute_distill_loss
-from srpo_megatron.algorithms.policy_loss import compute_policy_loss, compute_tis_weights
+from srpo_megatron.algorithms.policy_loss import LOG_RATIO_CLAMP, compute_policy_loss, compute_tis_weights
 from srpo_megatron.algorithms.weighting import compute_entropy_weights
 
 
@@ -59,7 +59,9 @@ class LossBatch:
     entropy: torch.Tensor | None = None  # [B, T] student full-vocab entropy, with grad (entropy_coef > 0)
 
 
-def count_denominator_tokens(cfg: AlgorithmConfig, loss_mask: torch.Tensor, route_sdpo: torch.Tensor) -> torch.Tensor:
+def count_denominator_tokens(
+    cfg: AlgorithmConfig, loss_mask: torch.Tensor, route_sdpo: torch.Tensor
+) -> torch.Tensor:
     """Local number of tokens the variant averages over: all valid tokens, or for `sdpo` only the
     distilled ones. The caller sums it over micro-batches and data-parallel ranks.  -> scalar"""
     mask = loss_mask.bool()
@@ -105,10 +107,12 @@ def compute_grpo_token_loss(
     token_loss = token_loss * tis
     if cfg.kl_coef > 0:
         ref_logp = _require(batch.ref_logp, "ref_logp", "when kl_coef > 0")
-        log_ratio = (ref_logp.detach() - batch.logp).clamp(-20.0, 20.0)
+        log_ratio = (ref_logp.detach() - batch.logp).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
         token_loss = token_loss + cfg.kl_coef * (log_ratio.exp() - log_ratio - 1.0)  # k3 estimator
     if cfg.entropy_coef > 0:
-        token_loss = token_loss - cfg.entropy_coef * _require(batch.entropy, "entropy", "when entropy_coef > 0")
+        token_loss = token_loss - cfg.entropy_coef * _require(
+            batch.entropy, "entropy", "when entropy_coef > 0"
+        )
     return token_loss, stats | clip_stats
 
 
@@ -164,8 +168,9 @@ def compute_srpo_loss(
         raise ValueError(f"variant {cfg.variant!r} has no SDPO branch but route_sdpo is set")
     tis = compute_tis_weights(batch.old_logp, batch.rollout_logp, cfg.tis_cap)  # [B, T]
 
-    # Start from 0 * logp so the loss is in the graph even when no token of this micro-batch counts.
-    grpo_sum = batch.logp.sum() * 0.0
+    # 0 * (valid logp) keeps the loss in the graph even when no token of this micro-batch counts
+    # (the pipeline schedule calls backward on every micro-batch's loss).
+    grpo_sum = torch.where(mask, batch.logp, 0.0).sum() * 0.0
     grpo_stats: dict[str, torch.Tensor] = {}
     if bool(grpo_mask.any()):
         grpo_loss, grpo_stats = compute_grpo_token_loss(cfg, batch, tis)
@@ -198,8 +203,8 @@ def collect_metrics(
     grpo_rows = grpo.any(dim=1)
     sdpo_rows = batch.route_sdpo.bool()
     zeros = torch.zeros_like(tis)
-    raw_is = (batch.logp - batch.old_logp).detach().clamp(-20.0, 20.0).exp()
-    raw_tis = (batch.old_logp - batch.rollout_logp).detach().clamp(-20.0, 20.0).exp()
+    raw_is = (batch.logp - batch.old_logp).detach().clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP).exp()
+    raw_tis = (batch.old_logp - batch.rollout_logp).detach().clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP).exp()
     weight = sdpo_stats.get("weight", zeros)
     m = {
         "route/sdpo_rollout_frac": sdpo_rows.float().sum() / num_rollouts,

@@ -54,7 +54,9 @@ def select_siblings(
         [B] int64.
     """
     if correct.shape != group_ids.shape or correct.dim() != 1:
-        raise ValueError(f"correct and group_ids must both be [B], got {tuple(correct.shape)}, {tuple(group_ids.shape)}")
+        raise ValueError(
+            f"correct and group_ids must both be [B], got {tuple(correct.shape)}, {tuple(group_ids.shape)}"
+        )
     n = correct.numel()
     candidate = group_ids[:, None] == group_ids[None, :]  # [B, B]; candidate[i, j]: j may teach i
     candidate &= correct.bool()[None, :]
@@ -72,7 +74,10 @@ def select_siblings(
 
 
 def route_rollouts(
-    rewards: torch.Tensor, group_ids: torch.Tensor, cfg: AlgorithmConfig, generator: torch.Generator | None = None
+    rewards: torch.Tensor,
+    group_ids: torch.Tensor,
+    cfg: AlgorithmConfig,
+    generator: torch.Generator | None = None,
 ) -> Routing:
     """Correctness, sibling and route of every rollout for `cfg.variant` (see the module table)."""
     correct = compute_correctness(rewards, cfg.success_threshold)

@@ -31,7 +31,10 @@ def compute_weight_stats(
 
 
 def compute_entropy_weights(
-    teacher_entropy: torch.Tensor, beta: float, weight_sum: float | torch.Tensor, weight_count: float | torch.Tensor
+    teacher_entropy: torch.Tensor,
+    beta: float,
+    weight_sum: float | torch.Tensor,
+    weight_count: float | torch.Tensor,
 ) -> torch.Tensor:
     """Normalised weights exp(-beta * H) / (global weight_sum / global weight_count).  [B, T] -> [B, T]"""
     weight_sum, weight_count = float(weight_sum), float(weight_count)

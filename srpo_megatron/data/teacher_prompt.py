@@ -43,7 +43,9 @@ def build_teacher_messages(messages: list[dict[str, str]], sibling_text: str) ->
         raise ValueError("the prompt has no user message to attach the correct solution to")
     teacher = copy.deepcopy(messages)
     last = user_turns[-1]
-    teacher[last]["content"] = REPROMPT_TEMPLATE.format(prompt=messages[last]["content"], solution=sibling_text)
+    teacher[last]["content"] = REPROMPT_TEMPLATE.format(
+        prompt=messages[last]["content"], solution=sibling_text
+    )
     return teacher
 
 

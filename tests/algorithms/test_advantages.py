@@ -23,7 +23,9 @@ def test_mean_only_advantages():
 def test_std_normalised_advantages():
     adv = compute_group_advantages(REWARDS, GROUPS, std_norm=True)
     s3 = 0.5 / (math.sqrt(1 / 3) + 1e-6)
-    expected = torch.tensor([s3, -s3, -s3, s3, 0.75 / 0.500001, -0.25 / 0.500001, -0.25 / 0.500001, -0.25 / 0.500001])
+    expected = torch.tensor(
+        [s3, -s3, -s3, s3, 0.75 / 0.500001, -0.25 / 0.500001, -0.25 / 0.500001, -0.25 / 0.500001]
+    )
     torch.testing.assert_close(adv, expected)
 
 

@@ -6,8 +6,20 @@ from srpo_megatron.algorithms.config import AlgorithmConfig
 def test_defaults_are_the_paper_values_and_valid():
     cfg = AlgorithmConfig()
     cfg.validate()
-    assert (cfg.variant, cfg.clip_low, cfg.clip_high, cfg.dual_clip, cfg.tis_cap) == ("srpo", 0.2, 0.28, 3.0, 2.0)
-    assert (cfg.topk, cfg.jsd_alpha, cfg.distill_is_cap, cfg.entropy_beta, cfg.ema_decay) == (100, 0.5, 2.0, 1.0, 0.05)
+    assert (cfg.variant, cfg.clip_low, cfg.clip_high, cfg.dual_clip, cfg.tis_cap) == (
+        "srpo",
+        0.2,
+        0.28,
+        3.0,
+        2.0,
+    )
+    assert (cfg.topk, cfg.jsd_alpha, cfg.distill_is_cap, cfg.entropy_beta, cfg.ema_decay) == (
+        100,
+        0.5,
+        2.0,
+        1.0,
+        0.05,
+    )
     assert cfg.mix_lambda == 0.9 and not cfg.adv_std_norm and cfg.sibling == "first"
 
 

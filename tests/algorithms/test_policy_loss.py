@@ -20,7 +20,9 @@ def test_clipped_surrogate_by_hand():
     loss, stats = compute_policy_loss(logp, old_logp, adv, clip_low=0.2, clip_high=0.28, dual_clip=3.0)
     torch.testing.assert_close(loss, torch.tensor([[-1.28, -0.5, 0.8, 2.0, 3.0, 0.0]], dtype=torch.float64))
     loss.sum().backward()
-    torch.testing.assert_close(logp.grad, torch.tensor([[0.0, -0.5, 0.0, 2.0, 0.0, 0.0]], dtype=torch.float64))
+    torch.testing.assert_close(
+        logp.grad, torch.tensor([[0.0, -0.5, 0.0, 2.0, 0.0, 0.0]], dtype=torch.float64)
+    )
     assert stats["clipped"].tolist() == [[True, False, True, False, False, False]]
     assert stats["dual_clipped"].tolist() == [[False, False, False, False, True, False]]
 
