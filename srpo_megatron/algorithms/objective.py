@@ -162,7 +162,8 @@ def compute_srpo_loss(
         raise ValueError(f"num_tokens (the global denominator) must be > 0, got {float(num_tokens)}")
     mask = batch.loss_mask.bool()  # [B, T]
     route_sdpo = batch.route_sdpo.bool()[:, None]  # [B, 1]
-    grpo_mask = mask & ~route_sdpo if cfg.variant != "sdpo" else torch.zeros_like(mask)
+    grpo_rows = ~route_sdpo if cfg.variant != "sdpo" else torch.zeros_like(route_sdpo)  # [B, 1]
+    grpo_mask = mask & grpo_rows
     sdpo_mask = mask & route_sdpo
     if cfg.variant in ("grpo", "advantage_mix") and bool(route_sdpo.any()):
         raise ValueError(f"variant {cfg.variant!r} has no SDPO branch but route_sdpo is set")
@@ -182,7 +183,7 @@ def compute_srpo_loss(
         sdpo_sum = torch.where(sdpo_mask, sdpo_loss, 0.0).sum()
 
     loss = (grpo_sum + sdpo_sum) / num_tokens
-    masks = {"valid": mask, "grpo": grpo_mask, "sdpo": sdpo_mask}
+    masks = {"valid": mask, "grpo": grpo_mask, "sdpo": sdpo_mask, "grpo_rows": grpo_rows[:, 0]}
     metrics = collect_metrics(batch, masks, tis, grpo_stats, sdpo_stats)
     metrics["loss/grpo"] = grpo_sum.detach() / num_tokens
     metrics["loss/sdpo"] = sdpo_sum.detach() / num_tokens
@@ -200,7 +201,7 @@ def collect_metrics(
     valid, grpo, sdpo = masks["valid"], masks["grpo"], masks["sdpo"]
     num_rollouts = max(batch.route_sdpo.numel(), 1)
     num_valid = valid.sum().clamp(min=1)
-    grpo_rows = grpo.any(dim=1)
+    grpo_rows = masks["grpo_rows"]
     sdpo_rows = batch.route_sdpo.bool()
     zeros = torch.zeros_like(tis)
     raw_is = (batch.logp - batch.old_logp).detach().clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP).exp()
