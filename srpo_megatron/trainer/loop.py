@@ -51,11 +51,11 @@ def train(cfg: Config) -> dict[str, float]:
     for step in range(1, cfg.train.total_steps + 1):
         timer = PhaseTimer()
         with timer("total"):
-            rows = dataset.next_batch(cfg.train.prompts_per_step)
+            rows = dataset.next_batch()
             with timer("rollout"):
                 ro: StepRollouts = generate_rollouts(engine, cfg, tokenizer, rows, seed=cfg.train.seed + step)
             with timer("reward"):
-                ro.score(rows)
+                ro.score(rows, tokenizer)
             routing = route_rollouts(ro.rewards, ro.group_ids, cfg.algorithm, generator=routing_rng)
             advantages = compute_group_advantages(ro.rewards, ro.group_ids, std_norm=cfg.algorithm.adv_std_norm)
 
@@ -64,7 +64,7 @@ def train(cfg: Config) -> dict[str, float]:
                 old = ro.score_student(actor, mine, topk=cfg.algorithm.topk if cfg.algorithm.uses_teacher else 0)
             with timer("teacher"):
                 needs = [i for i in mine if bool(routing.needs_teacher[i])]
-                teacher = ro.score_teacher(actor, needs, old, tokenizer, rows)
+                teacher = ro.score_teacher(actor, needs, routing, old, tokenizer, rows, cfg)
             with timer("train"):
                 train_metrics = []
                 per_update = len(mine) // updates_per_step

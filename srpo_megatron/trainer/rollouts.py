@@ -44,7 +44,7 @@ class StepRollouts:
         """Rewards from each prompt's verifier; a verifier never raises on the response text."""
         rewards = []
         for i, response in enumerate(self.batch.response_ids):
-            row = rows[self.batch.prompt_index[i]]
+            row = rows[self.batch.prompt_index[i]].row
             text = tokenizer.decode(response, skip_special_tokens=True)
             rewards.append(get_reward_fn(row.data_source)(text, row.ground_truth).score)
         self.rewards = torch.tensor(rewards, dtype=torch.float32)
@@ -80,7 +80,7 @@ class StepRollouts:
             sibling = int(routing.sibling[i])
             teacher_ids, prompt_len = build_teacher_input_ids(
                 tokenizer,
-                rows[self.batch.prompt_index[i]].messages,
+                rows[self.batch.prompt_index[i]].row.messages,
                 self.response_ids[sibling],
                 self.response_ids[i],
                 cfg.algorithm.teacher_max_prompt_len,
