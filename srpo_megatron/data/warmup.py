@@ -41,9 +41,13 @@ class TinyQwen3Config:
 
 @dataclass
 class WarmupConfig:
-    steps: int = 40
+    """Defaults measured on 2 CPU cores (seed 0): 50 steps x 16 -> loss 0.205 (the floor is
+    ln(4)/7 = 0.198: one uniformly random token in seven), 93% in format at temperature 1,
+    accuracy 25%. lr 1e-2 diverges; 30 steps at 5e-3 give only 81% in format."""
+
+    steps: int = 50
     batch_size: int = 16
-    lr: float = 3e-3
+    lr: float = 5e-3
     seed: int = 0
 
 
