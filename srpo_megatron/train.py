@@ -74,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"srpo-train: {err}", file=sys.stderr)
         return 2
     if args.dry_run:
-        dry_run(cfg, args.world_size or int(os.environ.get("WORLD_SIZE", "1")))
+        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one rank plans for all
+            dry_run(cfg, args.world_size or int(os.environ.get("WORLD_SIZE", "1")))
         return 0
     from srpo_megatron.runtime.distributed import destroy_distributed
     from srpo_megatron.trainer.loop import train
