@@ -21,7 +21,9 @@ from srpo_megatron.config import Config, load_config, to_yaml, validate_layout
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(prog="srpo-train", description="SRPO training on Megatron-core")
     parser.add_argument("--config", action="append", default=[], help="YAML config (repeatable)")
-    parser.add_argument("--dry-run", action="store_true", help="validate, build on meta, print the plan, exit")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="validate, build on meta, print the plan, exit"
+    )
     parser.add_argument("--world-size", type=int, default=None, help="ranks to plan for with --dry-run")
     args, overrides = parser.parse_known_args(argv)
     unknown = [o for o in overrides if "=" not in o]

@@ -243,7 +243,9 @@ class MegatronActor:
                 teacher_logp=x.teacher_logp,
             )
             # num_tokens=1: the numerator; Megatron divides by the global count returned next to it.
-            loss, metrics = compute_srpo_loss(alg, batch, num_tokens=1.0, weight_sum=weight_sum, weight_count=weight_count)
+            loss, metrics = compute_srpo_loss(
+                alg, batch, num_tokens=1.0, weight_sum=weight_sum, weight_count=weight_count
+            )
             count = count_denominator_tokens(alg, batch.loss_mask, batch.route_sdpo)
             per_micro_batch.append({k: float(v) for k, v in metrics.items()} | {"num_tokens": int(count)})
             return loss, count.to(torch.int), {}

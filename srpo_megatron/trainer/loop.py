@@ -10,6 +10,7 @@ then trains on its own contiguous share of every mini-batch.
 """
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -24,7 +25,14 @@ from srpo_megatron.trainer.rollouts import StepRollouts, generate_rollouts, make
 from srpo_megatron.trainer.setup import load_training_data
 
 
-def train(cfg: Config) -> dict[str, float]:
+@dataclass
+class RunResult:
+    metrics: dict[str, float]  # the last step's
+    actor: MegatronActor
+    engine: object  # the rollout engine on its owner rank, None elsewhere
+
+
+def train(cfg: Config) -> RunResult:
     from megatron.core import parallel_state
 
     from srpo_megatron.models.qwen3.config import load_hf_config
@@ -57,11 +65,15 @@ def train(cfg: Config) -> dict[str, float]:
             with timer("reward"):
                 ro.score(rows, tokenizer)
             routing = route_rollouts(ro.rewards, ro.group_ids, cfg.algorithm, generator=routing_rng)
-            advantages = compute_group_advantages(ro.rewards, ro.group_ids, std_norm=cfg.algorithm.adv_std_norm)
+            advantages = compute_group_advantages(
+                ro.rewards, ro.group_ids, std_norm=cfg.algorithm.adv_std_norm
+            )
 
             mine = _my_share(len(ro), dp, dp_rank)
             with timer("old_logp"):
-                old = ro.score_student(actor, mine, topk=cfg.algorithm.topk if cfg.algorithm.uses_teacher else 0)
+                old = ro.score_student(
+                    actor, mine, topk=cfg.algorithm.topk if cfg.algorithm.uses_teacher else 0
+                )
             with timer("teacher"):
                 needs = [i for i in mine if bool(routing.needs_teacher[i])]
                 teacher = ro.score_teacher(actor, needs, routing, old, tokenizer, rows, cfg)
@@ -84,7 +96,7 @@ def train(cfg: Config) -> dict[str, float]:
         logger.print_line(step, cfg.train.total_steps, metrics)
         summary = metrics
     logger.close()
-    return summary
+    return RunResult(summary, actor, engine)
 
 
 def _my_share(num_rollouts: int, dp: int, dp_rank: int) -> list[int]:

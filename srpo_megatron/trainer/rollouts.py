@@ -24,6 +24,7 @@ class StepRollouts:
     pad_id: int
     token_budget: int
     rewards: torch.Tensor = field(default=None)  # [R]
+    teacher_rows: int = 0  # rollouts this rank's teacher pass scored
 
     def __len__(self) -> int:
         return len(self.batch)
@@ -87,11 +88,10 @@ class StepRollouts:
             )
             prefixes.append(teacher_ids[:prompt_len])
         mbs = self._micro_batches(prefixes, ids)
+        self.teacher_rows = sum(int((mb.index >= 0).sum()) for mb in mbs)
         gather = None
         if old is not None:  # last stage: the student's top-K ids of the same tokens
-            gather = [
-                torch.cat([old[ids[int(r)]]["topk_ids"] for r in mb.index if r >= 0]) for mb in mbs
-            ]
+            gather = [torch.cat([old[ids[int(r)]]["topk_ids"] for r in mb.index if r >= 0]) for mb in mbs]
         stats = actor.score(mbs, teacher=True, gather_ids=gather, want_entropy=True)
         if stats is None:
             return None
@@ -104,7 +104,11 @@ class StepRollouts:
     def train_inputs(self, mb: MicroBatch, ids, routing, advantages, old, teacher) -> TrainInputs:
         """Everything the SRPO loss needs for micro-batch ``mb`` of rollouts ``ids``, in [B, T] layout."""
         rollout_of = [ids[int(r)] if r >= 0 else None for r in mb.index]
-        k = next(iter(old.values()))["topk_ids"].shape[-1] if old and next(iter(old.values()))["topk_ids"] is not None else 0
+        k = (
+            next(iter(old.values()))["topk_ids"].shape[-1]
+            if old and next(iter(old.values()))["topk_ids"] is not None
+            else 0
+        )
 
         def rows(get, shape_tail=(), dtype=torch.float32):
             out = torch.zeros((*mb.response_mask.shape, *shape_tail), dtype=dtype)
@@ -115,7 +119,9 @@ class StepRollouts:
             return out
 
         def per_rollout(values, dtype):
-            return torch.tensor([bool(values[i]) if i is not None else False for i in rollout_of], dtype=dtype)
+            return torch.tensor(
+                [bool(values[i]) if i is not None else False for i in rollout_of], dtype=dtype
+            )
 
         has_teacher_rows = teacher is not None and len(teacher) > 0
         return TrainInputs(
@@ -126,7 +132,9 @@ class StepRollouts:
             has_teacher=per_rollout(routing.has_teacher, torch.bool),
             fallback=per_rollout(routing.fallback, torch.bool),
             topk_ids=rows(lambda i: old[i]["topk_ids"], (k,), torch.long) if k else None,
-            teacher_topk_logp=rows(lambda i: teacher.get(i, {}).get("topk_logp"), (k,)) if has_teacher_rows else None,
+            teacher_topk_logp=rows(lambda i: teacher.get(i, {}).get("topk_logp"), (k,))
+            if has_teacher_rows
+            else None,
             teacher_entropy=rows(lambda i: teacher.get(i, {}).get("entropy")) if has_teacher_rows else None,
             teacher_logp=rows(lambda i: teacher.get(i, {}).get("logp")) if has_teacher_rows else None,
         )
@@ -140,6 +148,8 @@ class StepRollouts:
             "fallback_fraction": routing.fallback.float().mean().item(),
             "response_length_mean": lengths.mean().item(),
             "stop_fraction": sum(r == "stop" for r in self.batch.finish_reasons) / len(self),
+            "sdpo_rollouts": int(routing.route_sdpo.sum()),
+            "teacher_rollouts": _sum_over_data_parallel(self.teacher_rows),
         }
         if teacher:
             entropy = torch.cat([t["entropy"] for t in teacher.values()])
@@ -151,6 +161,14 @@ class StepRollouts:
             out["logp_gap_mean"] = gap.mean().item() if gap.numel() else 0.0
             out["logp_gap_max"] = gap.max().item() if gap.numel() else 0.0
         return out
+
+
+def _sum_over_data_parallel(value: int) -> int:
+    from megatron.core import parallel_state
+
+    total = torch.tensor([value], dtype=torch.long)
+    dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
+    return int(total)
 
 
 def _per_row(mb: MicroBatch, *flat: torch.Tensor | None):
@@ -170,7 +188,9 @@ def _per_row(mb: MicroBatch, *flat: torch.Tensor | None):
 def make_engine(cfg: Config, tokenizer):
     """The rollout engine on its owner rank (global rank 0 for the in-process HF engine); None elsewhere."""
     if cfg.rollout.engine != "hf":
-        raise ValueError("rollout.engine=sglang is not wired into the trainer yet (issue 8); use rollout.engine=hf")
+        raise ValueError(
+            "rollout.engine=sglang is not wired into the trainer yet (issue 8); use rollout.engine=hf"
+        )
     if dist.get_rank() != 0:
         return None
     from transformers import AutoModelForCausalLM
