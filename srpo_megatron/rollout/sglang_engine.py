@@ -204,7 +204,7 @@ class SGLangEngine:
             return self.submit(method, **kwargs).result(timeout=self.timeout_s)
         except FutureTimeout:
             raise EngineError(
-                f"engine {self.name!r}: {method} did not return within {self.timeout_s:.0f} s"
+                f"engine {self.name!r}: {method} did not return within {self.timeout_s:g} s"
             ) from None
         except Exception as e:
             raise EngineError(f"engine {self.name!r}: {method} failed: {e!r}") from e

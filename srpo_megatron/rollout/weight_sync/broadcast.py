@@ -174,7 +174,7 @@ def _wait(futures: Sequence[tuple[str, Future]], what: str, timeout_s: float) ->
             ok, message = as_result(future.result(timeout=max(0.0, deadline - time.monotonic())))
         except FutureTimeout:
             raise WeightSyncError(
-                f"engine {name!r} did not answer {what} within {timeout_s:.0f} s (dead or stuck?)"
+                f"engine {name!r} did not answer {what} within {timeout_s:g} s (dead or stuck?)"
             ) from None
         except Exception as e:  # the transport itself failed (connection refused, engine process gone)
             raise WeightSyncError(f"engine {name!r} failed during {what}: {e!r}") from e
