@@ -37,10 +37,10 @@ def engine():
 
 def full_forward_logp(model, prompt, response, temperature):
     """Reference: one unpadded forward over prompt + response, logits / temperature."""
-    seq = torch.tensor([prompt + response])
+    seq = torch.tensor([prompt + response], device=next(model.parameters()).device)
     with torch.no_grad():
         logits = model(seq).logits[0, len(prompt) - 1 : -1].float() / temperature  # [T, V]
-    return logits.log_softmax(-1).gather(-1, seq[0, len(prompt) :, None]).squeeze(-1)
+    return logits.log_softmax(-1).gather(-1, seq[0, len(prompt) :, None]).squeeze(-1).cpu()
 
 
 def test_same_seed_same_samples_and_logp_of_the_sampled_distribution(engine):
@@ -110,3 +110,13 @@ def test_bad_sampling_params_are_rejected():
         SamplingParams(top_p=1.5)
     with pytest.raises(ValueError, match="n must be"):
         SamplingParams(n=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_one_gpu_debug_engine_matches_a_plain_forward():
+    engine = HFEngine(tiny_model(0).cuda())
+    batch = engine.generate(PROMPTS, SamplingParams(n=2, temperature=0.9, max_new_tokens=8, seed=0))
+    for prompt, ids, logp in zip(batch.prompt_ids, batch.response_ids, batch.rollout_logp, strict=True):
+        assert logp.device.type == "cpu"
+        torch.testing.assert_close(logp, full_forward_logp(engine.model, prompt, ids, 0.9), atol=1e-4, rtol=0)
