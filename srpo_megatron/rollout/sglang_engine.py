@@ -139,6 +139,9 @@ class SGLangHTTPClient:
     def flush_cache(self):
         return self._post("flush_cache")
 
+    def get_weights_by_name(self, name, truncate_size=100):
+        return self._post("get_weights_by_name", {"name": name, "truncate_size": truncate_size})
+
     def shutdown(self):
         pass  # the server's owner stops it
 
