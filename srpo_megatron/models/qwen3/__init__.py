@@ -1,1 +1,12 @@
+"""Qwen3 on Megatron-core: config -> GPTModel, HF weights in, HF-named tensors out, checkpoints.
 
+    config.py      HF config.json -> Qwen3Arch (validated) -> TransformerConfig
+    provider.py    build_qwen3_model: this rank's GPTModel stage (TE spec on GPU, local on CPU)
+    mapping.py     HF <-> Megatron names, QKV interleaving, gate/up fusion, TP slicing
+    loader.py      load_hf_weights: HF safetensors -> this rank's shard, slice by slice
+    exporter.py    export_hf_tensors: shards -> (HF name, full tensor), for conversion and weight sync
+    checkpoint.py  the Megatron checkpoint layout (srpo_meta.json + model/ torch_dist), save/load
+    convert.py     hf_to_mcore / mcore_to_hf (tools/convert_ckpt/ are their command lines)
+
+Modules import megatron lazily, inside functions: importing this package does not start it.
+"""

@@ -1,0 +1,209 @@
+"""The run configuration: one typed dataclass per component, loaded from YAML through OmegaConf.
+
+    cfg = load_config(["configs/qwen3_8b_srpo.yaml", "configs/grpo.yaml"], ["train.total_steps=5"])
+
+Later files and then the overrides win.
+
+Unknown keys and values of the wrong type are refused by OmegaConf's structured schema (the message
+names the key); ``validate_config`` then checks values and combinations once, at start, with a
+message that says which key is wrong and why. The layout against the world size is checked by
+``validate_layout`` once torch.distributed is up.
+"""
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from srpo_megatron.algorithms.config import AlgorithmConfig
+
+
+@dataclass
+class ModelConfig:
+    hf_dir: str = "???"
+    """HF checkpoint to start from (config.json + safetensors), or a Megatron checkpoint via ckpt.load."""
+    tokenizer_dir: str | None = None
+    """Tokenizer files; defaults to ``hf_dir``."""
+    tp: int = 1
+    """Tensor-parallel size of the actor (and of the EMA teacher, sharded the same way)."""
+    pp: int = 1
+    """Pipeline-parallel size."""
+    dtype: Literal["float32", "bfloat16"] = "bfloat16"
+    """Parameter / compute dtype. The tiny CPU run uses float32."""
+    make_vocab_size_divisible_by: int = 128
+    """Megatron pads the vocabulary to a multiple of this times TP; padded entries carry no probability."""
+    teacher_offload: bool = False
+    """Park the EMA teacher's weights in host memory between uses (GPU only)."""
+
+
+@dataclass
+class DataConfig:
+    train_files: list[str] = field(default_factory=list)
+    """Parquet or JSON-lines files (ALGORITHM.md sec. 10)."""
+    test_files: list[str] = field(default_factory=list)
+    max_prompt_length: int = 2048
+    """Prompts longer than this (after the chat template) are dropped and counted."""
+    seed: int = 42
+    """Shuffling seed; the data position is saved in checkpoints."""
+
+
+@dataclass
+class RolloutConfig:
+    engine: Literal["hf", "sglang"] = "hf"
+    n: int = 8
+    """Rollouts per prompt (the group size G)."""
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 8192
+    mode: Literal["colocated", "disaggregated"] = "colocated"
+    """SGLang: engines on the training GPUs, or on GPUs of their own."""
+    num_engines: int = 1
+    engine_tp: int = 1
+    mem_fraction: float = 0.6
+    bucket_mb: int = 512
+    """Weight-sync bucket size."""
+    verify_sync: bool = False
+    """After each sync, compare checksums of the engine's weights with the trainer's."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-6
+    min_lr: float = 0.0
+    warmup_steps: int = 10
+    weight_decay: float = 0.01
+    clip_grad: float = 1.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+
+
+@dataclass
+class TrainConfig:
+    total_steps: int = 100
+    prompts_per_step: int = 32
+    """Question batch: prompts sampled per training step."""
+    mini_batch_prompts: int = 32
+    """Prompts per optimizer step: prompts_per_step / mini_batch_prompts optimizer steps per training step."""
+    micro_batch_tokens: int = 16384
+    """Token budget of one micro-batch (rollouts are packed up to it, at least one per micro-batch)."""
+    ops_chunk_tokens: int = 1024
+    """Token chunk of the vocab-parallel ops (memory O(chunk x V/tp))."""
+    seed: int = 1234
+
+
+@dataclass
+class LogConfig:
+    run_name: str = "srpo"
+    output_dir: str | None = None
+    """Defaults to outputs/<run_name>/."""
+    tensorboard: bool = True
+    wandb_project: str | None = None
+    print_every: int = 1
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.log.output_dir or f"outputs/{self.log.run_name}")
+
+
+def load_config(paths: list[str | Path] = (), overrides: list[str] = ()) -> Config:
+    """YAML files (merged in order) + ``key=value`` overrides -> a validated ``Config``."""
+    merged = OmegaConf.structured(Config)
+    source = "overrides"
+    try:
+        for path in paths:
+            source = str(path)
+            if not Path(path).is_file():
+                raise ValueError(f"config file not found: {path}")
+            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+        source = "overrides"
+        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        source = "missing values"
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        # e.g. "Key 'lrr' not in 'OptimConfig'", "Value 'abc' of type 'str' could not be converted to Float"
+        raise ValueError(f"bad config ({source}): {err}") from None
+    validate_config(cfg)
+    return cfg
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ValueError(f"config: {key}: {message}")
+
+
+def validate_config(cfg: Config) -> None:
+    """Value and combination checks that need no process group."""
+    _check(cfg.model.hf_dir not in ("", "???"), "model.hf_dir", "is required")
+    _check(cfg.model.tp >= 1 and cfg.model.pp >= 1, "model.tp/pp", "must be >= 1")
+    _check(bool(cfg.data.train_files), "data.train_files", "needs at least one file")
+    _check(cfg.data.max_prompt_length > 0, "data.max_prompt_length", "must be > 0")
+    r = cfg.rollout
+    _check(r.n >= 1, "rollout.n", f"must be >= 1, got {r.n}")
+    _check(r.temperature > 0, "rollout.temperature", f"must be > 0, got {r.temperature}")
+    _check(0 < r.top_p <= 1, "rollout.top_p", f"must be in (0, 1], got {r.top_p}")
+    _check(r.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1")
+    _check(r.bucket_mb >= 1, "rollout.bucket_mb", "must be >= 1")
+    t = cfg.train
+    _check(t.total_steps >= 1, "train.total_steps", "must be >= 1")
+    _check(t.prompts_per_step >= 1, "train.prompts_per_step", "must be >= 1")
+    _check(
+        t.mini_batch_prompts >= 1 and t.prompts_per_step % t.mini_batch_prompts == 0,
+        "train.mini_batch_prompts",
+        f"must divide train.prompts_per_step ({t.prompts_per_step}), got {t.mini_batch_prompts}",
+    )
+    _check(t.micro_batch_tokens >= 1, "train.micro_batch_tokens", "must be >= 1")
+    _check(t.ops_chunk_tokens >= 1, "train.ops_chunk_tokens", "must be >= 1")
+    o = cfg.optim
+    _check(
+        o.lr > 0 and 0 <= o.min_lr <= o.lr,
+        "optim.lr/min_lr",
+        f"need 0 <= min_lr <= lr, lr > 0 (got {o.lr}, {o.min_lr})",
+    )
+    _check(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+    _check(o.clip_grad >= 0, "optim.clip_grad", "must be >= 0 (0 = off)")
+    try:
+        cfg.algorithm.validate()
+    except ValueError as err:
+        raise ValueError(f"config: algorithm: {err}") from None
+    if cfg.algorithm.variant != "grpo" and r.n < 2:
+        raise ValueError(f"config: rollout.n: {cfg.algorithm.variant} needs siblings, so n >= 2 (got {r.n})")
+
+
+def validate_layout(cfg: Config, world_size: int) -> int:
+    """The data-parallel size for this world; a clear error if TP x PP does not fit it."""
+    model_parallel = cfg.model.tp * cfg.model.pp
+    if world_size % model_parallel:
+        raise ValueError(
+            f"config: model.tp x model.pp = {cfg.model.tp} x {cfg.model.pp} = {model_parallel} "
+            f"does not divide the world size {world_size} (processes launched by torchrun)"
+        )
+    dp = world_size // model_parallel
+    if cfg.train.mini_batch_prompts % dp:
+        raise ValueError(
+            f"config: train.mini_batch_prompts ({cfg.train.mini_batch_prompts}) must be divisible by "
+            f"the data-parallel size {dp} (world {world_size} / tp*pp {model_parallel})"
+        )
+    return dp
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)

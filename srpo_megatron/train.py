@@ -1,0 +1,91 @@
+"""``srpo-train``: SRPO training, launched by torchrun on 1..N nodes.
+
+    torchrun --nproc-per-node 8 -m srpo_megatron.train --config configs/qwen3_8b_srpo.yaml \
+        model.hf_dir=/ckpt/Qwen3-8B data.train_files=[/data/chemistry/train.json]
+    srpo-train --config configs/qwen3_8b_srpo.yaml --dry-run --world-size 8 model.hf_dir=...
+
+``--config`` may be given several times (later files win, e.g. a model config then an algorithm
+preset); ``key=value`` overrides come last. ``--dry-run`` validates the config and the layout for
+``--world-size`` ranks, builds the model on the meta device, prints the plan and exits, without
+torchrun, a GPU or any weights.
+"""
+
+import argparse
+import os
+import sys
+import warnings
+
+from srpo_megatron.config import Config, load_config, to_yaml, validate_layout
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(prog="srpo-train", description="SRPO training on Megatron-core")
+    parser.add_argument("--config", action="append", default=[], help="YAML config (repeatable)")
+    parser.add_argument("--dry-run", action="store_true", help="validate, build on meta, print the plan, exit")
+    parser.add_argument("--world-size", type=int, default=None, help="ranks to plan for with --dry-run")
+    args, overrides = parser.parse_known_args(argv)
+    unknown = [o for o in overrides if "=" not in o]
+    if unknown:
+        parser.error(f"unrecognised arguments {unknown}; overrides are key=value")
+    return args, overrides
+
+
+def dry_run(cfg: Config, world_size: int) -> None:
+    import torch
+
+    from srpo_megatron.models.qwen3.config import load_hf_config
+    from srpo_megatron.models.qwen3.provider import build_qwen3_model
+    from srpo_megatron.runtime.distributed import ParallelLayout, destroy_distributed, init_distributed
+
+    dp = validate_layout(cfg, world_size)
+    hf_config = load_hf_config(cfg.model.hf_dir)
+    from srpo_megatron.models.qwen3.config import Qwen3Arch
+
+    Qwen3Arch.from_hf(hf_config).check_layout(cfg.model.tp, cfg.model.pp)
+    init_distributed(ParallelLayout(), seed=cfg.train.seed)  # one process: the full model, on meta
+    try:
+        with torch.device("meta"):
+            model = build_qwen3_model(hf_config, params_dtype=torch.bfloat16, init_weights=False)
+        total = sum(p.numel() for p in model.parameters())
+    finally:
+        destroy_distributed()
+    per_rank = total / (cfg.model.tp * cfg.model.pp)
+    updates = cfg.train.prompts_per_step // cfg.train.mini_batch_prompts
+    print(to_yaml(cfg))
+    print(
+        f"plan: world {world_size} = tp {cfg.model.tp} x pp {cfg.model.pp} x dp {dp}\n"
+        f"model: {hf_config.get('architectures', ['?'])[0]} {total / 1e9:.3f} B parameters "
+        f"(Megatron, vocab padded), about {per_rank / 1e9:.3f} B per rank; EMA teacher sharded alike\n"
+        f"step: {cfg.train.prompts_per_step} prompts x {cfg.rollout.n} rollouts = "
+        f"{cfg.train.prompts_per_step * cfg.rollout.n} rollouts, {updates} optimizer step(s) of "
+        f"{cfg.train.mini_batch_prompts} prompts, {cfg.train.total_steps} steps\n"
+        f"algorithm: {cfg.algorithm.variant}; rollouts: {cfg.rollout.engine} ({cfg.rollout.mode}); "
+        f"output: {cfg.output_dir}\n"
+        "dry run OK"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, overrides = parse_args(argv)
+    warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
+    try:
+        cfg = load_config(args.config, overrides)
+    except ValueError as err:
+        print(f"srpo-train: {err}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one rank plans for all
+            dry_run(cfg, args.world_size or int(os.environ.get("WORLD_SIZE", "1")))
+        return 0
+    from srpo_megatron.runtime.distributed import destroy_distributed
+    from srpo_megatron.trainer.loop import train
+
+    try:
+        train(cfg)
+    finally:
+        destroy_distributed()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

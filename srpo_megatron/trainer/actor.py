@@ -1,0 +1,274 @@
+"""The Megatron actor: the student (DDP + Megatron optimizer + LR schedule) and the EMA teacher,
+sharded alike, and the three passes of a step through Megatron's ``forward_backward_func``:
+
+    score(...)        forward only, no grad: old log-probs (+ the student's top-K ids), or the
+                      teacher's log-probs at those ids + its full-vocab entropy;
+    train(...)        forward + backward with the SRPO objective, then one optimizer step;
+    update_teacher()  theta_T <- (1 - rate) * theta_T + rate * theta_S.
+
+The output layer never materialises [T, V/tp] logits: GPTModel's ``output_processor`` hook hands us
+the final hidden states, we keep only the positions that predict response tokens and feed them,
+with this rank's output-weight shard, to the fused vocab-parallel op.
+
+Loss normalisation uses Megatron's per-token-loss path (``calculate_per_token_loss``): the loss
+function returns the micro-batch's loss NUMERATOR and its local token count, and Megatron divides
+the gradients by the count summed over micro-batches and data-parallel ranks — exactly the global
+denominator of ALGORITHM.md sec. 6, whatever the micro-batching and DP size.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+
+from srpo_megatron.algorithms import AlgorithmConfig, LossBatch, compute_srpo_loss, count_denominator_tokens
+from srpo_megatron.config import Config
+from srpo_megatron.models.qwen3.loader import load_hf_weights
+from srpo_megatron.models.qwen3.provider import build_qwen3_model
+from srpo_megatron.ops.token_stats import TokenStats, vocab_parallel_token_stats
+from srpo_megatron.trainer.batching import MicroBatch
+
+
+@dataclass
+class TrainInputs:
+    """Per-rollout tensors of one micro-batch in the response layout [B, T] (filler rows: zeros)."""
+
+    old_logp: torch.Tensor  # [B, T]
+    rollout_logp: torch.Tensor  # [B, T]
+    advantages: torch.Tensor  # [B]
+    route_sdpo: torch.Tensor  # [B] bool
+    has_teacher: torch.Tensor  # [B] bool
+    fallback: torch.Tensor  # [B] bool
+    topk_ids: torch.Tensor | None = None  # [B, T, K] the student's top-K support (from the old pass)
+    teacher_topk_logp: torch.Tensor | None = None  # [B, T, K]
+    teacher_entropy: torch.Tensor | None = None  # [B, T]
+    teacher_logp: torch.Tensor | None = None  # [B, T]
+
+
+def _dtype(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+
+
+class MegatronActor:
+    def __init__(self, cfg: Config, hf_config: dict, *, optimizer_steps: int) -> None:
+        from megatron.core.distributed import (
+            DistributedDataParallel,
+            DistributedDataParallelConfig,
+            finalize_model_grads,
+        )
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+        self.cfg = cfg
+        dtype = _dtype(cfg.model.dtype)
+        build = partial(
+            build_qwen3_model,
+            hf_config,
+            params_dtype=dtype,
+            make_vocab_size_divisible_by=cfg.model.make_vocab_size_divisible_by,
+            init_weights=False,
+            calculate_per_token_loss=True,
+            bf16=dtype == torch.bfloat16,
+        )
+        student = build()
+        load_hf_weights(student, cfg.model.hf_dir, hf_config)
+        self.teacher = build()
+        self.teacher.load_state_dict(student.state_dict())
+        self.teacher.requires_grad_(False)
+        self.true_vocab_size = student.hf_vocab_size
+
+        on_gpu = torch.cuda.is_available()
+        self.model = DistributedDataParallel(
+            student.config,
+            DistributedDataParallelConfig(
+                grad_reduce_in_fp32=True, use_distributed_optimizer=on_gpu, overlap_grad_reduce=False
+            ),
+            student,
+        )
+        student.config.finalize_model_grads_func = finalize_model_grads
+        self.optimizer = get_megatron_optimizer(
+            OptimizerConfig(
+                optimizer="adam",
+                lr=cfg.optim.lr,
+                min_lr=cfg.optim.min_lr,
+                weight_decay=cfg.optim.weight_decay,
+                adam_beta1=cfg.optim.adam_beta1,
+                adam_beta2=cfg.optim.adam_beta2,
+                adam_eps=cfg.optim.adam_eps,
+                clip_grad=cfg.optim.clip_grad,
+                bf16=dtype == torch.bfloat16,
+                params_dtype=dtype,
+                use_distributed_optimizer=on_gpu,
+            ),
+            [self.model],
+        )
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer,
+            init_lr=0.0,
+            max_lr=cfg.optim.lr,
+            min_lr=cfg.optim.min_lr,
+            lr_warmup_steps=cfg.optim.warmup_steps,
+            lr_decay_steps=max(optimizer_steps, cfg.optim.warmup_steps + 1),
+            lr_decay_style="constant",
+            start_wd=cfg.optim.weight_decay,
+            end_wd=cfg.optim.weight_decay,
+            wd_incr_steps=max(optimizer_steps, 1),
+            wd_incr_style="constant",
+        )
+
+    @property
+    def student(self) -> torch.nn.Module:
+        return self.model.module
+
+    # ---- the passes ---------------------------------------------------------------------------
+
+    def _run(
+        self,
+        model,
+        micro_batches: list[MicroBatch],
+        stats_args: Callable[[int, MicroBatch], dict],
+        loss_func: Callable,
+        *,
+        forward_only: bool,
+    ) -> list:
+        """One call of Megatron's schedule over ``micro_batches``.
+
+        ``stats_args(i, mb)``: extra arguments of the token-stats op for micro-batch i (top-k, ids to
+        gather at, entropy); ``loss_func(i, mb, stats)``: Megatron's loss function for it.
+        """
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        items = iter(enumerate(micro_batches))
+
+        def forward_step(data_iterator, model):
+            index, mb = next(data_iterator)
+            output = model(
+                mb.tokens,
+                mb.position_ids,
+                None,
+                output_processor=partial(self._token_stats, mb=mb, extra=stats_args(index, mb)),
+            )
+            return output, partial(loss_func, index, mb)
+
+        return get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=items,
+            model=[model],
+            num_microbatches=len(micro_batches),
+            seq_length=micro_batches[0].tokens.shape[1],
+            micro_batch_size=micro_batches[0].tokens.shape[0],
+            forward_only=forward_only,
+        )
+
+    def _token_stats(self, *, hidden_states, output_layer, output_weight, mb: MicroBatch, extra: dict, **_):
+        """GPTModel's output hook: hidden [S, B, H] -> per-token stats at the scored positions only."""
+        from megatron.core import parallel_state
+
+        weight = output_weight if output_weight is not None else output_layer.weight  # [V/tp, H]
+        hidden = hidden_states.transpose(0, 1)[mb.rows, mb.cols]  # [N, H]
+        tp_rank = parallel_state.get_tensor_model_parallel_rank()
+        return vocab_parallel_token_stats(
+            hidden,
+            weight,
+            vocab_start=tp_rank * weight.shape[0],
+            true_vocab_size=self.true_vocab_size,
+            targets=mb.targets,
+            group=parallel_state.get_tensor_model_parallel_group(),
+            chunk_size=self.cfg.train.ops_chunk_tokens,
+            **extra,
+        )
+
+    @torch.no_grad()
+    def score(
+        self,
+        micro_batches: list[MicroBatch],
+        *,
+        teacher: bool,
+        topk: int = 0,
+        gather_ids: list[torch.Tensor | None] | None = None,
+        want_entropy: bool = False,
+    ) -> list[TokenStats] | None:
+        """Forward-only pass of the student (``teacher=False``) or the EMA teacher.
+
+        Returns one ``TokenStats`` (flat [N] layout) per micro-batch on the last pipeline stage,
+        None on the other stages. ``gather_ids``: per micro-batch [N, K] ids to gather at.
+        """
+        from megatron.core import parallel_state
+
+        results: list[TokenStats] = []
+
+        def collect(index, mb, stats):
+            results.append(stats)
+            return torch.zeros((), device=stats.logp.device), {}
+
+        def stats_args(index, mb):
+            ids = None if gather_ids is None else gather_ids[index]
+            return {"topk": topk, "want_entropy": want_entropy, "gather_ids": ids}
+
+        model = self.teacher if teacher else self.model
+        model.eval()
+        self._run(model, micro_batches, stats_args, collect, forward_only=True)
+        return results if parallel_state.is_pipeline_last_stage(ignore_virtual=True) else None
+
+    def train(
+        self,
+        micro_batches: list[MicroBatch],
+        inputs: list[TrainInputs],
+        *,
+        weight_sum: torch.Tensor | None,
+        weight_count: torch.Tensor | None,
+    ) -> dict[str, float]:
+        """Forward + backward over one mini-batch with the SRPO objective, then one optimizer step."""
+        alg: AlgorithmConfig = self.cfg.algorithm
+        per_micro_batch: list[dict] = []
+
+        def loss_func(index, mb, stats: TokenStats):
+            x = inputs[index]
+            topk_logp = None
+            if stats.gathered_logp is not None:
+                topk_logp = mb.to_response_layout(stats.gathered_logp)
+            batch = LossBatch(
+                logp=mb.to_response_layout(stats.logp),
+                old_logp=x.old_logp,
+                rollout_logp=x.rollout_logp,
+                loss_mask=mb.response_mask.float(),
+                advantages=x.advantages,
+                route_sdpo=x.route_sdpo,
+                has_teacher=x.has_teacher,
+                fallback=x.fallback,
+                student_topk_logp=topk_logp,
+                teacher_topk_logp=x.teacher_topk_logp,
+                teacher_entropy=x.teacher_entropy,
+                teacher_logp=x.teacher_logp,
+            )
+            # num_tokens=1: the numerator; Megatron divides by the global count returned next to it.
+            loss, metrics = compute_srpo_loss(alg, batch, num_tokens=1.0, weight_sum=weight_sum, weight_count=weight_count)
+            count = count_denominator_tokens(alg, batch.loss_mask, batch.route_sdpo)
+            per_micro_batch.append({k: float(v) for k, v in metrics.items()} | {"num_tokens": int(count)})
+            return loss, count.to(torch.int), {}
+
+        def stats_args(index, mb):
+            topk_ids = inputs[index].topk_ids  # the student's top-K support, fixed by the old pass
+            return {} if topk_ids is None else {"gather_ids": mb.from_response_layout(topk_ids)}
+
+        self.model.train()
+        self.model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        self._run(self.model, micro_batches, stats_args, loss_func, forward_only=False)
+        update_ok, grad_norm, _ = self.optimizer.step()
+        if update_ok:
+            self.scheduler.step(increment=1)
+        return {
+            "update_ok": float(bool(update_ok)),
+            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "_micro_batches": per_micro_batch,
+        }
+
+    @torch.no_grad()
+    def update_teacher(self, rate: float) -> None:
+        """EMA: theta_T <- (1 - rate) * theta_T + rate * theta_S (ALGORITHM.md sec. 4; 0.95 stays on the teacher)."""
+        student = dict(self.student.named_parameters())
+        for name, t in self.teacher.named_parameters():
+            t.lerp_(student[name].to(t.dtype), rate)

@@ -1,0 +1,154 @@
+"""The SRPO training loop (DESIGN.md, "The data path of one training step"):
+
+    rollouts -> rewards -> routing -> old log-probs (+ the student's top-K ids)
+      -> EMA-teacher forward on SDPO-routed rollouts only -> mini-batches through Megatron's schedule
+      -> optimizer step -> EMA teacher update -> weight sync -> metrics
+
+Every rank runs this loop. Rollouts are generated once (by the engine's owner rank) and broadcast,
+so rewards, routing and advantages are the same numbers on every rank; each data-parallel rank
+then trains on its own contiguous share of every mini-batch.
+"""
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from srpo_megatron.algorithms import compute_group_advantages, compute_weight_stats, route_rollouts
+from srpo_megatron.config import Config, validate_layout
+from srpo_megatron.runtime.distributed import ParallelLayout, init_distributed
+from srpo_megatron.trainer.actor import MegatronActor, TrainInputs
+from srpo_megatron.trainer.batching import build_micro_batches
+from srpo_megatron.trainer.metrics import MetricsLogger, PhaseTimer
+from srpo_megatron.trainer.rollouts import StepRollouts, generate_rollouts, make_engine, sync_weights
+from srpo_megatron.trainer.setup import load_training_data
+
+
+def train(cfg: Config) -> dict[str, float]:
+    from megatron.core import parallel_state
+
+    from srpo_megatron.models.qwen3.config import load_hf_config
+
+    init_distributed(ParallelLayout(tp=cfg.model.tp, pp=cfg.model.pp), seed=cfg.train.seed)
+    dp = validate_layout(cfg, dist.get_world_size())
+    hf_config = load_hf_config(cfg.model.hf_dir)
+    tokenizer, dataset = load_training_data(cfg)
+    updates_per_step = cfg.train.prompts_per_step // cfg.train.mini_batch_prompts
+    actor = MegatronActor(cfg, hf_config, optimizer_steps=cfg.train.total_steps * updates_per_step)
+    engine = make_engine(cfg, tokenizer)
+    logger = MetricsLogger(
+        cfg.output_dir,
+        enabled=dist.get_rank() == 0,
+        tensorboard=cfg.log.tensorboard,
+        wandb_project=cfg.log.wandb_project,
+        run_name=cfg.log.run_name,
+    )
+    dp_rank = parallel_state.get_data_parallel_rank()
+    last_stage = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+    routing_rng = torch.Generator().manual_seed(cfg.train.seed)
+    summary: dict[str, float] = {}
+
+    for step in range(1, cfg.train.total_steps + 1):
+        timer = PhaseTimer()
+        with timer("total"):
+            rows = dataset.next_batch()
+            with timer("rollout"):
+                ro: StepRollouts = generate_rollouts(engine, cfg, tokenizer, rows, seed=cfg.train.seed + step)
+            with timer("reward"):
+                ro.score(rows, tokenizer)
+            routing = route_rollouts(ro.rewards, ro.group_ids, cfg.algorithm, generator=routing_rng)
+            advantages = compute_group_advantages(ro.rewards, ro.group_ids, std_norm=cfg.algorithm.adv_std_norm)
+
+            mine = _my_share(len(ro), dp, dp_rank)
+            with timer("old_logp"):
+                old = ro.score_student(actor, mine, topk=cfg.algorithm.topk if cfg.algorithm.uses_teacher else 0)
+            with timer("teacher"):
+                needs = [i for i in mine if bool(routing.needs_teacher[i])]
+                teacher = ro.score_teacher(actor, needs, routing, old, tokenizer, rows, cfg)
+            with timer("train"):
+                train_metrics = []
+                per_update = len(mine) // updates_per_step
+                for k in range(updates_per_step):
+                    ids = mine[k * per_update : (k + 1) * per_update]
+                    train_metrics.append(
+                        _train_mini_batch(actor, cfg, ro, ids, routing, advantages, old, teacher, last_stage)
+                    )
+            if any(m["update_ok"] for m in train_metrics):
+                actor.update_teacher(cfg.algorithm.ema_decay)
+            with timer("sync"):
+                sync_weights(actor, engine, hf_config)
+
+        metrics = ro.metrics(routing, old, teacher) | _reduce_train_metrics(train_metrics) | timer.seconds
+        metrics = _from_last_stage(metrics)
+        logger.log(step, metrics)
+        logger.print_line(step, cfg.train.total_steps, metrics)
+        summary = metrics
+    logger.close()
+    return summary
+
+
+def _my_share(num_rollouts: int, dp: int, dp_rank: int) -> list[int]:
+    """Rollout indices of this data-parallel rank: an equal contiguous slice of every mini-batch."""
+    per_rank = num_rollouts // dp
+    return list(range(dp_rank * per_rank, (dp_rank + 1) * per_rank))
+
+
+def _train_mini_batch(actor, cfg: Config, ro, ids, routing, advantages, old, teacher, last_stage) -> dict:
+    micro_batches = build_micro_batches(
+        [ro.prompt_ids[i] for i in ids],
+        [ro.response_ids[i] for i in ids],
+        pad_id=ro.pad_id,
+        token_budget=cfg.train.micro_batch_tokens,
+    )
+    inputs, weight_sum, weight_count = None, None, None
+    if last_stage:
+        inputs = [ro.train_inputs(mb, ids, routing, advantages, old, teacher) for mb in micro_batches]
+        if cfg.algorithm.uses_dynamic_weighting:
+            weight_sum, weight_count = _global_weight_stats(inputs, micro_batches, cfg.algorithm.entropy_beta)
+    return actor.train(micro_batches, inputs, weight_sum=weight_sum, weight_count=weight_count)
+
+
+def _global_weight_stats(inputs: list[TrainInputs], micro_batches, beta: float):
+    """sum and count of exp(-beta H) over every SDPO token of the mini-batch, all data-parallel ranks."""
+    from megatron.core import parallel_state
+
+    total = torch.zeros(2, dtype=torch.float64)
+    for x, mb in zip(inputs, micro_batches, strict=True):
+        if x.teacher_entropy is None:
+            continue
+        mask = mb.response_mask & x.route_sdpo[:, None]
+        s, c = compute_weight_stats(x.teacher_entropy, mask, beta)
+        total += torch.stack([s.double(), c.double()])
+    dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
+    return total[0], total[1]
+
+
+def _reduce_train_metrics(per_update: list[dict]) -> dict[str, float]:
+    """Mean over optimizer steps; per-micro-batch loss terms are summed (numerators) and normalised."""
+    out: dict[str, float] = {}
+    micro = [m for update in per_update for m in update.get("_micro_batches", [])]
+    tokens = sum(m["num_tokens"] for m in micro)
+    for key in ("loss/grpo", "loss/sdpo"):
+        if micro:
+            out[key] = sum(m.get(key, 0.0) for m in micro) / max(tokens, 1)
+    if micro:
+        out["loss"] = out.get("loss/grpo", 0.0) + out.get("loss/sdpo", 0.0)
+    for key in ("grad_norm", "lr", "update_ok"):
+        values = [u[key] for u in per_update if not math.isnan(u[key])]
+        out[key] = sum(values) / len(values) if values else float("nan")
+    for key in micro[0] if micro else ():
+        if key.startswith(("grpo/", "sdpo/", "is/", "dw/")):
+            out[key] = sum(m[key] for m in micro) / len(micro)
+    return out
+
+
+def _from_last_stage(metrics: dict) -> dict:
+    """Loss metrics live on the last pipeline stage; the logging rank (global 0) takes them from there."""
+    from megatron.core import parallel_state
+
+    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+        return metrics
+    src = parallel_state.get_pipeline_model_parallel_last_rank()
+    box = [metrics]
+    dist.broadcast_object_list(box, src=src, group=parallel_state.get_pipeline_model_parallel_group())
+    return box[0]

@@ -1,0 +1,216 @@
+"""One step's rollouts and everything derived from them per rollout: rewards, the actor's old
+log-probs and top-K ids, the EMA teacher's numbers, and the per-micro-batch training inputs.
+
+Per-rollout tensors are kept in lists indexed by the rollout's position in the step (only this
+data-parallel rank's share is filled, and only on the last pipeline stage, where the output layer is).
+"""
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from srpo_megatron.config import Config
+from srpo_megatron.data.teacher_prompt import build_teacher_input_ids
+from srpo_megatron.rewards.registry import get_reward_fn
+from srpo_megatron.rollout.engine import RolloutBatch, SamplingParams
+from srpo_megatron.trainer.actor import MegatronActor, TrainInputs
+from srpo_megatron.trainer.batching import MicroBatch, build_micro_batches
+
+
+@dataclass
+class StepRollouts:
+    batch: RolloutBatch
+    pad_id: int
+    token_budget: int
+    rewards: torch.Tensor = field(default=None)  # [R]
+
+    def __len__(self) -> int:
+        return len(self.batch)
+
+    @property
+    def group_ids(self) -> torch.Tensor:  # [R]
+        return torch.tensor(self.batch.prompt_index, dtype=torch.long)
+
+    @property
+    def prompt_ids(self) -> list[list[int]]:
+        return self.batch.prompt_ids
+
+    @property
+    def response_ids(self) -> list[list[int]]:
+        return self.batch.response_ids
+
+    def score(self, rows, tokenizer) -> None:
+        """Rewards from each prompt's verifier; a verifier never raises on the response text."""
+        rewards = []
+        for i, response in enumerate(self.batch.response_ids):
+            row = rows[self.batch.prompt_index[i]].row
+            text = tokenizer.decode(response, skip_special_tokens=True)
+            rewards.append(get_reward_fn(row.data_source)(text, row.ground_truth).score)
+        self.rewards = torch.tensor(rewards, dtype=torch.float32)
+
+    # ---- actor passes ---------------------------------------------------------------------------
+
+    def _micro_batches(self, prefixes, ids) -> list[MicroBatch]:
+        return build_micro_batches(
+            prefixes, [self.response_ids[i] for i in ids], pad_id=self.pad_id, token_budget=self.token_budget
+        )
+
+    def score_student(self, actor: MegatronActor, ids: list[int], topk: int) -> dict[int, dict] | None:
+        """pi_old: {rollout: {"logp": [T_i], "topk_ids": [T_i, K] | None}} on the last stage."""
+        mbs = self._micro_batches([self.prompt_ids[i] for i in ids], ids)
+        stats = actor.score(mbs, teacher=False, topk=topk)
+        if stats is None:
+            return None
+        out: dict[int, dict] = {}
+        for mb, s in zip(mbs, stats, strict=True):
+            for row, (logp, topk_ids) in _per_row(mb, s.logp, s.topk_ids):
+                out[ids[row]] = {"logp": logp, "topk_ids": topk_ids}
+        return out
+
+    def score_teacher(
+        self, actor: MegatronActor, ids: list[int], routing, old: dict | None, tokenizer, rows, cfg: Config
+    ) -> dict[int, dict] | None:
+        """The EMA teacher on [teacher prompt ; student response] for the SDPO-routed rollouts ``ids``:
+        {rollout: {"topk_logp": [T_i, K] at the student's top-K ids, "entropy": [T_i], "logp": [T_i]}}."""
+        if not ids:
+            return {} if old is not None else None
+        prefixes = []
+        for i in ids:
+            sibling = int(routing.sibling[i])
+            teacher_ids, prompt_len = build_teacher_input_ids(
+                tokenizer,
+                rows[self.batch.prompt_index[i]].row.messages,
+                self.response_ids[sibling],
+                self.response_ids[i],
+                cfg.algorithm.teacher_max_prompt_len,
+            )
+            prefixes.append(teacher_ids[:prompt_len])
+        mbs = self._micro_batches(prefixes, ids)
+        gather = None
+        if old is not None:  # last stage: the student's top-K ids of the same tokens
+            gather = [
+                torch.cat([old[ids[int(r)]]["topk_ids"] for r in mb.index if r >= 0]) for mb in mbs
+            ]
+        stats = actor.score(mbs, teacher=True, gather_ids=gather, want_entropy=True)
+        if stats is None:
+            return None
+        out: dict[int, dict] = {}
+        for mb, s in zip(mbs, stats, strict=True):
+            for row, (topk_logp, entropy, logp) in _per_row(mb, s.gathered_logp, s.entropy, s.logp):
+                out[ids[row]] = {"topk_logp": topk_logp, "entropy": entropy, "logp": logp}
+        return out
+
+    def train_inputs(self, mb: MicroBatch, ids, routing, advantages, old, teacher) -> TrainInputs:
+        """Everything the SRPO loss needs for micro-batch ``mb`` of rollouts ``ids``, in [B, T] layout."""
+        rollout_of = [ids[int(r)] if r >= 0 else None for r in mb.index]
+        k = next(iter(old.values()))["topk_ids"].shape[-1] if old and next(iter(old.values()))["topk_ids"] is not None else 0
+
+        def rows(get, shape_tail=(), dtype=torch.float32):
+            out = torch.zeros((*mb.response_mask.shape, *shape_tail), dtype=dtype)
+            for b, i in enumerate(rollout_of):
+                value = get(i) if i is not None else None
+                if value is not None:
+                    out[b, : value.shape[0]] = value
+            return out
+
+        def per_rollout(values, dtype):
+            return torch.tensor([bool(values[i]) if i is not None else False for i in rollout_of], dtype=dtype)
+
+        has_teacher_rows = teacher is not None and len(teacher) > 0
+        return TrainInputs(
+            old_logp=rows(lambda i: old[i]["logp"]),
+            rollout_logp=rows(lambda i: self.batch.rollout_logp[i]),
+            advantages=torch.tensor([float(advantages[i]) if i is not None else 0.0 for i in rollout_of]),
+            route_sdpo=per_rollout(routing.route_sdpo, torch.bool),
+            has_teacher=per_rollout(routing.has_teacher, torch.bool),
+            fallback=per_rollout(routing.fallback, torch.bool),
+            topk_ids=rows(lambda i: old[i]["topk_ids"], (k,), torch.long) if k else None,
+            teacher_topk_logp=rows(lambda i: teacher.get(i, {}).get("topk_logp"), (k,)) if has_teacher_rows else None,
+            teacher_entropy=rows(lambda i: teacher.get(i, {}).get("entropy")) if has_teacher_rows else None,
+            teacher_logp=rows(lambda i: teacher.get(i, {}).get("logp")) if has_teacher_rows else None,
+        )
+
+    def metrics(self, routing, old: dict | None, teacher: dict | None) -> dict[str, float]:
+        lengths = torch.tensor([len(r) for r in self.response_ids], dtype=torch.float32)
+        out = {
+            "reward_mean": self.rewards.mean().item(),
+            "sdpo_fraction": routing.route_sdpo.float().mean().item(),
+            "grpo_fraction": 1.0 - routing.route_sdpo.float().mean().item(),
+            "fallback_fraction": routing.fallback.float().mean().item(),
+            "response_length_mean": lengths.mean().item(),
+            "stop_fraction": sum(r == "stop" for r in self.batch.finish_reasons) / len(self),
+        }
+        if teacher:
+            entropy = torch.cat([t["entropy"] for t in teacher.values()])
+            out["teacher_entropy_mean"] = entropy.mean().item()
+        else:
+            out["teacher_entropy_mean"] = 0.0
+        if old:
+            gap = torch.cat([(old[i]["logp"] - self.batch.rollout_logp[i]).abs() for i in old])
+            out["logp_gap_mean"] = gap.mean().item() if gap.numel() else 0.0
+            out["logp_gap_max"] = gap.max().item() if gap.numel() else 0.0
+        return out
+
+
+def _per_row(mb: MicroBatch, *flat: torch.Tensor | None):
+    """Split flat [N, ...] per-token tensors into per-row pieces: yields (row index, pieces)."""
+    lengths = mb.response_mask.sum(dim=1).tolist()
+    offset = 0
+    for b, (r, n) in enumerate(zip(mb.index.tolist(), lengths, strict=True)):
+        if r >= 0:
+            yield r, tuple(None if t is None else t[offset : offset + n].cpu() for t in flat)
+        offset += n
+    del b
+
+
+# ---- engine ---------------------------------------------------------------------------------------
+
+
+def make_engine(cfg: Config, tokenizer):
+    """The rollout engine on its owner rank (global rank 0 for the in-process HF engine); None elsewhere."""
+    if cfg.rollout.engine != "hf":
+        raise ValueError("rollout.engine=sglang is not wired into the trainer yet (issue 8); use rollout.engine=hf")
+    if dist.get_rank() != 0:
+        return None
+    from transformers import AutoModelForCausalLM
+
+    from srpo_megatron.rollout.hf_engine import HFEngine
+
+    dtype = torch.float32 if cfg.model.dtype == "float32" else torch.bfloat16
+    model = AutoModelForCausalLM.from_pretrained(cfg.model.hf_dir, torch_dtype=dtype)
+    return HFEngine(model, pad_token_id=tokenizer.pad_token_id or 0)
+
+
+def generate_rollouts(engine, cfg: Config, tokenizer, rows, *, seed: int) -> StepRollouts:
+    """Rank 0 samples ``n`` responses per prompt; every rank receives the same batch."""
+    box = [None]
+    if dist.get_rank() == 0:
+        params = SamplingParams(
+            n=cfg.rollout.n,
+            temperature=cfg.rollout.temperature,
+            top_p=cfg.rollout.top_p,
+            max_new_tokens=cfg.rollout.max_new_tokens,
+            stop_token_ids=tuple(_stop_ids(tokenizer)),
+            seed=seed,
+        )
+        box[0] = engine.generate([row.prompt_ids for row in rows], params)
+    dist.broadcast_object_list(box, src=0)
+    return StepRollouts(box[0], pad_id=tokenizer.pad_token_id or 0, token_budget=cfg.train.micro_batch_tokens)
+
+
+def _stop_ids(tokenizer) -> list[int]:
+    ids = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")}
+    return sorted(i for i in ids if isinstance(i, int) and i >= 0)
+
+
+def sync_weights(actor: MegatronActor, engine, hf_config: dict) -> None:
+    """Megatron shards -> HF-named full tensors -> the in-process engine on rank 0."""
+    from srpo_megatron.models.qwen3.exporter import export_hf_tensors
+
+    tensors = export_hf_tensors(actor.student, hf_config)  # collective: every rank iterates
+    if engine is not None:
+        engine.update_weights(tensors)
+    else:
+        for _ in tensors:
+            pass

@@ -1,0 +1,54 @@
+from pathlib import Path
+
+import pytest
+
+from srpo_megatron.config import load_config, validate_layout
+
+CONFIGS = Path(__file__).parents[2] / "configs"
+REQUIRED = ["model.hf_dir=/models/x", "data.train_files=[/data/train.jsonl]"]
+
+
+@pytest.mark.parametrize("name", ["qwen3_8b_srpo.yaml", "qwen3_4b_srpo.yaml"])
+def test_shipped_model_configs_load(name):
+    cfg = load_config([CONFIGS / name], REQUIRED)
+    assert cfg.algorithm.variant == "srpo" and cfg.optim.lr == 5e-6 and cfg.rollout.n == 8
+    assert validate_layout(cfg, world_size=8) == 8 // (cfg.model.tp * cfg.model.pp)
+
+
+@pytest.mark.parametrize(
+    ("preset", "variant", "lr", "mini_batch"),
+    [
+        ("grpo.yaml", "grpo", 1e-6, 8),
+        ("sdpo.yaml", "sdpo", 1e-5, 32),
+        ("srpo_no_dw.yaml", "srpo_no_dw", 5e-6, 32),
+    ],
+)
+def test_algorithm_presets_layer_over_a_model_config(preset, variant, lr, mini_batch):
+    cfg = load_config([CONFIGS / "qwen3_8b_srpo.yaml", CONFIGS / preset], REQUIRED)
+    assert (cfg.algorithm.variant, cfg.optim.lr, cfg.train.mini_batch_prompts) == (variant, lr, mini_batch)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("optim.lrr=1", "lrr"),
+        ("optim.lr=abc", "optim.lr|lr"),
+        ("rollout.top_p=1.5", "rollout.top_p"),
+        ("train.mini_batch_prompts=5", "train.mini_batch_prompts"),
+        ("algorithm.variant=ppo", "variant"),
+    ],
+)
+def test_bad_values_name_the_key(override, message):
+    with pytest.raises(ValueError, match=message):
+        load_config([CONFIGS / "qwen3_8b_srpo.yaml"], [*REQUIRED, override])
+
+
+def test_missing_required_value_is_refused():
+    with pytest.raises(ValueError, match="hf_dir|train_files"):
+        load_config([CONFIGS / "qwen3_8b_srpo.yaml"])
+
+
+def test_layout_that_does_not_fit_the_world():
+    cfg = load_config([CONFIGS / "qwen3_8b_srpo.yaml"], REQUIRED)
+    with pytest.raises(ValueError, match="does not divide the world size 6"):
+        validate_layout(cfg, world_size=6)
