@@ -1,0 +1,141 @@
+"""Bucketed weight sync vs one collective per tensor, in the same run (CPU/gloo, 2 processes).
+
+Rank 0 is the trainer's source rank, rank 1 an engine rank running SGLang's receive protocol
+(``BroadcastWeightReceiver`` loading into preallocated tensors by name). The tensors have the
+shapes of a Qwen3 (defaults: 28 layers, hidden 512: 310 tensors, ~210 MB in bf16). Each mode
+syncs the full set ``--repeats`` times after one warm-up; the median is reported.
+
+  bucketed      SGLang ``load_format="flattened_bucket"``: one request + one broadcast per bucket
+  per_tensor    one request + one broadcast per tensor (the naive sync: a bucket per tensor)
+  per_tensor_in_buckets  one request per bucket, one broadcast per tensor (SGLang's plain format)
+
+Prints the figures; the last line is one JSON object (``time_ratio`` = bucketed / per_tensor).
+Gloo on one host measures the per-collective and per-request overheads bucketing removes; on GPUs
+NCCL's per-collective launch cost is smaller but the per-request RPC is the same.
+
+    python benchmarks/weight_sync.py [--layers 28 --hidden 512 --bucket-mb 64 --repeats 5]
+"""
+
+import argparse
+import json
+import multiprocessing as mp
+import statistics
+import time
+
+import torch
+import torch.distributed as dist
+
+from srpo_megatron.rollout.weight_sync.broadcast import (
+    BroadcastWeightReceiver,
+    BroadcastWeightSender,
+    GroupAddress,
+)
+from srpo_megatron.rollout.weight_sync.loopback import LoopbackEngineHandle, serve_requests
+from srpo_megatron.runtime.distributed import find_free_port
+from srpo_megatron.runtime.launch import run_distributed
+
+
+def qwen3_shaped_tensors(
+    layers: int, hidden: int, vocab: int, dtype: torch.dtype
+) -> list[tuple[str, torch.Tensor]]:
+    head_dim, heads, kv_heads, ffn = 64, hidden // 64, max(hidden // 128, 1), 3 * hidden
+    shapes = [("model.embed_tokens.weight", (vocab, hidden))]
+    for i in range(layers):
+        p = f"model.layers.{i}"
+        shapes += [
+            (f"{p}.input_layernorm.weight", (hidden,)),
+            (f"{p}.self_attn.q_proj.weight", (heads * head_dim, hidden)),
+            (f"{p}.self_attn.k_proj.weight", (kv_heads * head_dim, hidden)),
+            (f"{p}.self_attn.v_proj.weight", (kv_heads * head_dim, hidden)),
+            (f"{p}.self_attn.o_proj.weight", (hidden, heads * head_dim)),
+            (f"{p}.self_attn.q_norm.weight", (head_dim,)),
+            (f"{p}.self_attn.k_norm.weight", (head_dim,)),
+            (f"{p}.post_attention_layernorm.weight", (hidden,)),
+            (f"{p}.mlp.gate_proj.weight", (ffn, hidden)),
+            (f"{p}.mlp.up_proj.weight", (ffn, hidden)),
+            (f"{p}.mlp.down_proj.weight", (hidden, ffn)),
+        ]
+    shapes.append(("model.norm.weight", (hidden,)))
+    gen = torch.Generator().manual_seed(0)
+    return [(name, torch.randn(shape, generator=gen).to(dtype)) for name, shape in shapes]
+
+
+def _bench(args, requests, replies, port):
+    tensors = qwen3_shaped_tensors(args.layers, args.hidden, args.vocab, getattr(torch, args.dtype))
+    if dist.get_rank() == 1:  # the engine rank
+        held = {n: torch.empty_like(t) for n, t in tensors}
+
+        def load(named):
+            for name, t in named:
+                held[name].copy_(t)
+
+        serve_requests(BroadcastWeightReceiver(load), requests, replies, num_clients=1)
+        return all(torch.equal(held[n], t) for n, t in tensors)
+
+    engine = LoopbackEngineHandle(requests, replies, client_id=0, name="engine", timeout_s=600)
+    bucket_bytes = int(args.bucket_mb * 1024**2)
+    modes = {
+        "bucketed": dict(bucket_bytes=bucket_bytes, flattened=True),
+        "per_tensor": dict(bucket_bytes=1, flattened=False),  # every tensor its own request
+        "per_tensor_in_buckets": dict(bucket_bytes=bucket_bytes, flattened=False),
+    }
+    sender = BroadcastWeightSender([engine], GroupAddress("127.0.0.1", port, "bench", "gloo"), timeout_s=600)
+    sender.connect()
+    times, stats = {m: [] for m in modes}, {}
+    for repeat in range(args.repeats + 1):
+        for mode, cfg in modes.items():  # interleaved, so machine noise hits every mode alike
+            sender.bucket_bytes = cfg["bucket_bytes"]
+            start = time.perf_counter()
+            stats[mode] = sender.send(tensors, flattened=cfg["flattened"])
+            if repeat:  # repeat 0 is the warm-up
+                times[mode].append(time.perf_counter() - start)
+    engine.shutdown()
+    sender.close()
+    return {m: (statistics.median(t), stats[m].num_buckets) for m, t in times.items()}, stats["bucketed"]
+
+
+def main():
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--layers", type=int, default=28)
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--vocab", type=int, default=32768)
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--bucket-mb", type=float, default=64)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+
+    ctx = mp.get_context("spawn")
+    requests, replies = ctx.Queue(), [ctx.Queue()]
+    (medians, bucketed), received_ok = run_distributed(
+        _bench, world_size=2, megatron=False, args=(args, requests, replies, find_free_port()), timeout=1800
+    )
+    assert received_ok, "the engine rank does not hold the sent tensors"
+    for mode, (seconds, buckets) in medians.items():
+        print(f"{mode:>24}: {seconds * 1e3:9.1f} ms  ({buckets} requests)")
+    ratio = medians["bucketed"][0] / medians["per_tensor"][0]
+    print(
+        f"{bucketed.num_tensors} tensors, {bucketed.num_bytes / 1e6:.1f} MB, {bucketed.num_buckets} buckets"
+    )
+    result = {
+        "num_tensors": bucketed.num_tensors,
+        "bytes": bucketed.num_bytes,
+        "num_buckets": bucketed.num_buckets,
+        "bucket_bytes": int(args.bucket_mb * 1024**2),
+        "dtype": args.dtype,
+        "backend": "gloo",
+        "repeats": args.repeats,
+        "bucketed_s": round(medians["bucketed"][0], 4),
+        "per_tensor_s": round(medians["per_tensor"][0], 4),
+        "per_tensor_in_buckets_s": round(medians["per_tensor_in_buckets"][0], 4),
+        "time_ratio": round(ratio, 3),
+        "time_ratio_vs_per_tensor_in_buckets": round(
+            medians["bucketed"][0] / medians["per_tensor_in_buckets"][0], 3
+        ),
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+"""The rollout engine interface: what the trainer asks of SGLang (GPU) and of the HF engine (CPU).
+
+generate: prompt token ids, ``n`` samples each -> response ids, the per-token log-probs of the
+distribution each token was sampled from (temperature applied; SGLang's default, i.e. without
+``SGLANG_RETURN_ORIGINAL_LOGPROB``), and a finish reason (``"stop"``: a stop token was sampled and
+is the last response token; ``"length"``: ``max_new_tokens`` ran out).
+
+Weights arrive as a stream of HF-named full tensors: in-process (``update_weights``, the colocated
+path and the HF engine) or by NCCL broadcast (``weight_sync/broadcast.py``, SGLang disaggregated).
+``release_memory`` / ``resume_memory`` free the engine's GPU memory around training where the
+engine supports it (SGLang colocated); elsewhere they do nothing.
+"""
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+import torch
+
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Sampling for one ``generate`` call (the same for every prompt)."""
+
+    n: int = 1
+    """samples per prompt"""
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 64
+    stop_token_ids: tuple[int, ...] = ()
+    """generation of a sample ends after any of these ids (usually the EOS / end-of-turn ids)"""
+    seed: int | None = None
+    """same seed, same weights, same prompts -> same samples (HF engine; SGLang best effort)"""
+
+    def __post_init__(self):
+        if self.n < 1:
+            raise ValueError(f"n must be >= 1, got {self.n}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0 (greedy is temperature -> 0), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+
+@dataclass
+class RolloutBatch:
+    """``B * n`` samples, grouped by prompt: sample ``i`` answers prompt ``prompt_index[i]``
+    (samples of one prompt are consecutive)."""
+
+    prompt_index: list[int]
+    prompt_ids: list[list[int]]
+    response_ids: list[list[int]]
+    rollout_logp: list[torch.Tensor]  # each [len(response_ids[i])], fp32
+    finish_reasons: list[FinishReason]
+
+    def __len__(self) -> int:
+        return len(self.response_ids)
+
+    def __post_init__(self):
+        sizes = {
+            len(self.prompt_index),
+            len(self.prompt_ids),
+            len(self.response_ids),
+            len(self.rollout_logp),
+            len(self.finish_reasons),
+        }
+        assert len(sizes) == 1, f"ragged RolloutBatch fields: {sizes}"
+        for ids, logp in zip(self.response_ids, self.rollout_logp, strict=True):
+            assert len(ids) == logp.numel(), (len(ids), logp.shape)
+
+
+class RolloutEngine(Protocol):
+    def generate(self, prompt_ids: Sequence[Sequence[int]], params: SamplingParams) -> RolloutBatch: ...
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load HF-named full tensors (a bucket or the whole model) in place."""
+        ...
+
+    def release_memory(self) -> None: ...
+
+    def resume_memory(self) -> None: ...

@@ -1,0 +1,390 @@
+"""Disaggregated weight sync: the trainer broadcasts HF-named buckets to rollout engines.
+
+The protocol is SGLang's (read in sgl-project/sglang, ``entrypoints/engine.py`` ``Engine.
+init_weights_update_group`` / ``update_weights_from_distributed``, and the model runner's receive
+side ``init_weights_update_group`` / ``_update_bucketed_weights_from_distributed`` — in newer trees
+``model_executor/weight_updater.py`` ``_recv_single_bucket_flattened``):
+
+1. join: the engine is asked to ``init_weights_update_group(master_address, master_port,
+   rank_offset, world_size, group_name, backend)``; each of its TP ranks joins a *new* process group
+   (its own TCP rendezvous at ``master_address:master_port``, keys under ``group_name``) as rank
+   ``rank_offset + tp_rank``. The trainer's sending rank joins the same rendezvous as rank 0, so
+   ``world_size = 1 + sum(engine TP sizes)`` and replica ``r`` gets ``rank_offset = 1 + r * tp``.
+2. per bucket: the engine is asked to ``update_weights_from_distributed(names, dtypes, shapes,
+   group_name, flush_cache, load_format="flattened_bucket")``; every engine rank allocates the
+   tensors, receives ONE broadcast from group rank 0 into their concatenated bytes, rebuilds them
+   (``buckets.unflatten_bucket``) and calls ``model.load_weights`` by HF name. Without
+   ``load_format`` it is one broadcast per tensor (the baseline of ``benchmarks/weight_sync.py``).
+   The request returns ``(success, message)`` once the bucket is loaded.
+
+Pipeline parallelism: each PP stage's source rank (TP rank 0, DP rank 0: where the exporter yields
+that stage's tensors) owns one weight-update group, ``f"{group_name}_pp{stage}"`` on port
+``master_port + stage``, and sends its own layers; engines join one group per stage (SGLang keeps a
+dict of groups by name). Nothing funnels through one rank, and no rank holds more than one bucket.
+An engine serves update requests one at a time, so stages take turns at each engine while
+their senders prepare the next bucket in parallel.
+
+``BroadcastWeightReceiver`` is the engine side of that protocol in plain torch: the CPU/gloo tests
+run it in another process in front of an HF model, which is how we know the messages and byte
+layout are right without SGLang.
+"""
+
+import datetime
+import time
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+
+from srpo_megatron.rollout.weight_sync.buckets import (
+    DEFAULT_BUCKET_BYTES,
+    BucketMeta,
+    allocate_bucket,
+    flatten_bucket,
+    iter_buckets,
+    parse_dtype,
+    unflatten_bucket,
+)
+
+FLATTENED_BUCKET = "flattened_bucket"
+
+
+class WeightSyncError(RuntimeError):
+    """An engine died, timed out or refused a weight update; the engine's weights are suspect."""
+
+
+class WeightReceiverHandle(Protocol):
+    """A rollout engine replica as the sending rank sees it. Requests are asynchronous (the engine
+    blocks in the collective until the trainer broadcasts) and resolve to SGLang's
+    ``(success, message)``."""
+
+    name: str
+    world_size: int  # ranks this replica contributes to the weight-update group (its TP size)
+
+    def request_join(
+        self,
+        *,
+        master_address: str,
+        master_port: int,
+        rank_offset: int,
+        world_size: int,
+        group_name: str,
+        backend: str,
+    ) -> Future: ...
+
+    def request_receive(self, message: dict[str, Any]) -> Future: ...
+
+
+@dataclass(frozen=True)
+class GroupAddress:
+    """Where a weight-update group meets. The sender (group rank 0) hosts the TCP store."""
+
+    master_address: str
+    master_port: int
+    group_name: str
+    backend: str = "nccl"
+
+    def for_stage(self, pp_rank: int) -> "GroupAddress":
+        """The group of PP stage ``pp_rank``: its own port and name."""
+        return GroupAddress(
+            self.master_address, self.master_port + pp_rank, f"{self.group_name}_pp{pp_rank}", self.backend
+        )
+
+
+@dataclass
+class SyncStats:
+    num_tensors: int = 0
+    num_buckets: int = 0
+    num_bytes: int = 0
+    seconds: float = 0.0
+
+
+def update_message(
+    meta: BucketMeta, group_name: str, *, flattened: bool = True, flush_cache: bool = False
+) -> dict:
+    """The keyword arguments of SGLang's ``Engine.update_weights_from_distributed`` for one bucket."""
+    return {
+        "names": list(meta.names),
+        "dtypes": list(meta.dtypes),
+        "shapes": [list(s) for s in meta.shapes],
+        "group_name": group_name,
+        "flush_cache": flush_cache,
+        "load_format": FLATTENED_BUCKET if flattened else None,
+    }
+
+
+def init_weights_update_group(
+    master_address: str,
+    master_port: int,
+    rank: int,
+    world_size: int,
+    group_name: str,
+    backend: str,
+    timeout: datetime.timedelta = datetime.timedelta(minutes=10),
+) -> dist.ProcessGroup:
+    """Join (or host, at rank 0) a process group outside the default world, the way SGLang's engine
+    ranks do (TCP rendezvous, store keys under ``group_name``), so trainer and engines meet."""
+    from torch.distributed.distributed_c10d import Backend, _new_process_group_helper, _world
+
+    store, rank, world_size = next(
+        dist.rendezvous(f"tcp://{master_address}:{master_port}", rank, world_size, timeout=timeout)
+    )
+    store.set_timeout(timeout)
+    device_id = None
+    if backend == "nccl":
+        # Eager NCCL init: the engines create their communicators inside the join request, so a lazy
+        # trainer side would leave them waiting for a communicator that only its first broadcast makes.
+        device_id = torch.device("cuda", torch.cuda.current_device())
+    group, _ = _new_process_group_helper(
+        world_size,
+        rank,
+        [],
+        Backend(backend),
+        dist.PrefixStore(group_name, store),
+        group_name=group_name,
+        timeout=timeout,
+        device_id=device_id,
+    )
+    _world.pg_group_ranks[group] = {i: i for i in range(world_size)}
+    return group
+
+
+def as_result(answer: Any) -> tuple[bool, str]:
+    """SGLang answers ``(success, message)`` (in-process), ``{"success", "message"}`` (HTTP) or an
+    output object with those fields; ``None`` is a plain success."""
+    if answer is None:
+        return True, ""
+    if isinstance(answer, tuple):
+        return bool(answer[0]), str(answer[1]) if len(answer) > 1 else ""
+    if isinstance(answer, dict):
+        return bool(answer.get("success", True)), str(answer.get("message", ""))
+    if hasattr(answer, "success"):
+        return bool(answer.success), str(getattr(answer, "message", ""))
+    return True, str(answer)
+
+
+def _wait(futures: Sequence[tuple[str, Future]], what: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    for name, future in futures:
+        try:
+            ok, message = as_result(future.result(timeout=max(0.0, deadline - time.monotonic())))
+        except FutureTimeout:
+            raise WeightSyncError(
+                f"engine {name!r} did not answer {what} within {timeout_s:g} s (dead or stuck?)"
+            ) from None
+        except Exception as e:  # the transport itself failed (connection refused, engine process gone)
+            raise WeightSyncError(f"engine {name!r} failed during {what}: {e!r}") from e
+        if not ok:
+            raise WeightSyncError(f"engine {name!r} refused {what}: {message}")
+
+
+class BroadcastWeightSender:
+    """The trainer side on one source rank (one PP stage): join once, then ``send`` every step.
+
+    engines: every replica that must receive; they all join one group and get every bucket from
+    one broadcast. address: this stage's group (``GroupAddress.for_stage``).
+    """
+
+    def __init__(
+        self,
+        engines: Sequence[WeightReceiverHandle],
+        address: GroupAddress,
+        *,
+        bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+        timeout_s: float = 600.0,
+        device: torch.device | str | None = None,
+    ):
+        if not engines:
+            raise ValueError("BroadcastWeightSender needs at least one engine")
+        self.engines = list(engines)
+        self.address = address
+        self.bucket_bytes = bucket_bytes
+        self.timeout_s = timeout_s
+        self.device = device
+        self.group: dist.ProcessGroup | None = None
+
+    @property
+    def world_size(self) -> int:
+        return 1 + sum(e.world_size for e in self.engines)
+
+    def connect(self) -> None:
+        """Ask every engine to join, join as rank 0, and wait for all of them."""
+        a = self.address
+        futures, offset = [], 1
+        for engine in self.engines:
+            future = engine.request_join(
+                master_address=a.master_address,
+                master_port=a.master_port,
+                rank_offset=offset,
+                world_size=self.world_size,
+                group_name=a.group_name,
+                backend=a.backend,
+            )
+            futures.append((engine.name, future))
+            offset += engine.world_size
+        self.group = init_weights_update_group(
+            a.master_address,
+            a.master_port,
+            0,
+            self.world_size,
+            a.group_name,
+            a.backend,
+            timeout=datetime.timedelta(seconds=self.timeout_s),
+        )
+        _wait(futures, f"init_weights_update_group({a.group_name!r})", self.timeout_s)
+
+    def send(self, named_tensors: Iterable[tuple[str, torch.Tensor]], *, flattened: bool = True) -> SyncStats:
+        """Bucket the stream and broadcast it; returns once every engine has loaded every bucket.
+
+        flattened=False sends one broadcast per tensor (SGLang's plain protocol), for comparison.
+        """
+        if self.group is None:
+            raise RuntimeError("call connect() before send()")
+        stats = SyncStats()
+        start = time.perf_counter()
+        for index, bucket in enumerate(iter_buckets(named_tensors, self.bucket_bytes)):
+            if self.device is not None:
+                bucket = [(n, t.to(self.device)) for n, t in bucket]
+            flat, meta = flatten_bucket(bucket)
+            message = update_message(meta, self.address.group_name, flattened=flattened)
+            futures = [(e.name, e.request_receive(message)) for e in self.engines]
+            if flattened:
+                works = [dist.broadcast(flat, group=self.group, group_src=0, async_op=True)]
+            else:
+                works = [
+                    dist.broadcast(t.contiguous(), group=self.group, group_src=0, async_op=True)
+                    for _, t in bucket
+                ]
+            # The engines' answers first: one that refuses never joins the broadcast, and waiting on
+            # the collective would then hang until the group timeout instead of naming the engine.
+            _wait(futures, f"bucket {index} ({len(meta.names)} tensors, {meta.nbytes} bytes)", self.timeout_s)
+            for work in works:
+                work.wait()
+            stats.num_tensors += len(meta.names)
+            stats.num_buckets += 1
+            stats.num_bytes += meta.nbytes
+        stats.seconds = time.perf_counter() - start
+        return stats
+
+    def close(self) -> None:
+        if self.group is not None:
+            dist.destroy_process_group(self.group)
+            self.group = None
+
+
+class BroadcastWeightReceiver:
+    """SGLang's receive side for one engine rank, in plain torch (see module docstring).
+
+    load_weights: called with each received bucket's ``[(hf_name, tensor)]`` (e.g.
+    ``HFEngine.update_weights``). Methods return ``(success, message)`` like SGLang's.
+    """
+
+    def __init__(
+        self,
+        load_weights: Callable[[list[tuple[str, torch.Tensor]]], None],
+        *,
+        tp_rank: int = 0,
+        device: torch.device | str = "cpu",
+        timeout_s: float = 600.0,
+    ):
+        self.load_weights = load_weights
+        self.tp_rank = tp_rank
+        self.device = device
+        self.timeout_s = timeout_s
+        self.groups: dict[str, dist.ProcessGroup] = {}
+
+    def init_weights_update_group(
+        self,
+        master_address: str,
+        master_port: int,
+        rank_offset: int,
+        world_size: int,
+        group_name: str,
+        backend: str,
+    ) -> tuple[bool, str]:
+        if group_name in self.groups:
+            return False, f"group {group_name!r} exists already"
+        try:
+            self.groups[group_name] = init_weights_update_group(
+                master_address,
+                master_port,
+                rank_offset + self.tp_rank,
+                world_size,
+                group_name,
+                backend,
+                timeout=datetime.timedelta(seconds=self.timeout_s),
+            )
+        except Exception as e:
+            return False, f"failed to join {group_name!r}: {e!r}"
+        return True, f"joined {group_name!r}"
+
+    def update_weights_from_distributed(
+        self,
+        names: list[str],
+        dtypes: list[str],
+        shapes: list[list[int]],
+        group_name: str,
+        flush_cache: bool = True,
+        load_format: str | None = None,
+    ) -> tuple[bool, str]:
+        group = self.groups.get(group_name)
+        if group is None:
+            return False, f"group {group_name!r} not initialised; call init_weights_update_group first"
+        try:
+            meta = BucketMeta(tuple(names), tuple(dtypes), tuple(tuple(s) for s in shapes))
+            if load_format == FLATTENED_BUCKET:
+                flat = allocate_bucket(meta, self.device)
+                dist.broadcast(flat, group=group, group_src=0)
+                weights = unflatten_bucket(flat, meta)
+            elif load_format is None:
+                weights = [
+                    (n, torch.empty(s, dtype=parse_dtype(d), device=self.device))
+                    for n, d, s in zip(names, dtypes, shapes, strict=True)
+                ]
+                works = [dist.broadcast(t, group=group, group_src=0, async_op=True) for _, t in weights]
+                for work in works:
+                    work.wait()
+            else:
+                return False, f"unknown load_format {load_format!r}"
+            self.load_weights(weights)
+        except Exception as e:
+            return False, f"failed to update weights: {e!r}; the engine's weights are partially updated"
+        return True, f"loaded {len(names)} tensors"
+
+    def destroy_weights_update_group(self, group_name: str) -> tuple[bool, str]:
+        group = self.groups.pop(group_name, None)
+        if group is None:
+            return False, f"no group {group_name!r}"
+        dist.destroy_process_group(group)
+        return True, f"destroyed {group_name!r}"
+
+
+def megatron_sync_role() -> tuple[bool, bool, int]:
+    """``(exports, sends, pp_rank)`` of this Megatron rank in a disaggregated sync.
+
+    exports: this rank iterates ``export_hf_tensors`` (data-parallel rank 0's model-parallel
+    group: the TP gathers inside the exporter need every TP rank of the stage). sends: it also owns
+    the stage's weight-update group (TP rank 0 of those: where the exporter yields tensors).
+    Other data-parallel replicas hold the same weights and do nothing.
+    """
+    from megatron.core import parallel_state as ps
+
+    exports = ps.get_data_parallel_rank(with_context_parallel=True) == 0
+    sends = exports and ps.get_tensor_model_parallel_rank() == 0
+    return exports, sends, ps.get_pipeline_model_parallel_rank()
+
+
+def send_or_drain(
+    named_tensors: Iterable[tuple[str, torch.Tensor]], sender: BroadcastWeightSender | None
+) -> SyncStats:
+    """One step's sync on an exporting rank: the source sends, the others run the exporter's
+    collectives to the end (they yield nothing)."""
+    if sender is not None:
+        return sender.send(named_tensors)
+    for _ in named_tensors:
+        pass
+    return SyncStats()

@@ -1,0 +1,151 @@
+"""The SGLang adapter against a fake ``sglang.Engine`` (messages, parsing, errors, timeouts) on CPU;
+the real engine in tests marked ``gpu``."""
+
+import importlib.util
+import time
+
+import pytest
+import torch
+
+from srpo_megatron.rollout.engine import SamplingParams
+from srpo_megatron.rollout.sglang_engine import EngineError, SGLangEngine, import_sglang, sampling_params_dict
+from srpo_megatron.rollout.weight_sync.broadcast import WeightSyncError, _wait, update_message
+from srpo_megatron.rollout.weight_sync.buckets import flatten_bucket
+
+HAS_SGLANG = importlib.util.find_spec("sglang") is not None
+
+
+class FakeEngine:
+    """Answers like ``sglang.Engine`` (shapes of its return values), records every call."""
+
+    def __init__(self, finish="length", answer=(True, "ok"), delay=0.0):
+        self.calls, self.finish, self.answer, self.delay = [], finish, answer, delay
+
+    def generate(self, input_ids, sampling_params, return_logprob):
+        self.calls.append(("generate", input_ids, sampling_params, return_logprob))
+        out = []
+        for i in range(len(input_ids)):
+            tokens = [100 + i, 7]
+            out.append(
+                {
+                    "output_ids": tokens,
+                    "meta_info": {
+                        "output_token_logprobs": [(-0.5 * (i + 1), t, None) for t in tokens],
+                        "finish_reason": {"type": self.finish, "matched": 7} if self.finish else None,
+                    },
+                }
+            )
+        return out
+
+    def update_weights_from_distributed(self, **kwargs):
+        time.sleep(self.delay)
+        self.calls.append(("update_weights_from_distributed", kwargs))
+        return self.answer
+
+    def update_weights_from_tensor(self, **kwargs):
+        self.calls.append(("update_weights_from_tensor", kwargs))
+        return self.answer
+
+    def release_memory_occupation(self, tags=None):
+        self.calls.append(("release", tags))
+
+    def shutdown(self):
+        raise ConnectionRefusedError("engine process is gone")
+
+
+def test_generate_sends_one_request_per_sample_and_parses_logprobs():
+    fake = FakeEngine(finish="stop")
+    engine = SGLangEngine(fake, name="e0")
+    params = SamplingParams(n=2, temperature=0.8, top_p=0.9, max_new_tokens=5, stop_token_ids=(7,), seed=4)
+    batch = engine.generate([[1, 2], [3]], params)
+    _, input_ids, sampling, return_logprob = fake.calls[0]
+    assert input_ids == [[1, 2], [1, 2], [3], [3]] and return_logprob
+    assert sampling == [sampling_params_dict(params)] * 4
+    assert sampling[0] == {
+        "temperature": 0.8,
+        "top_p": 0.9,
+        "top_k": -1,
+        "max_new_tokens": 5,
+        "stop_token_ids": [7],
+        "skip_special_tokens": False,
+        "no_stop_trim": True,
+        "sampling_seed": 4,
+    }
+    assert batch.prompt_index == [0, 0, 1, 1] and batch.response_ids[1] == [101, 7]
+    assert torch.equal(batch.rollout_logp[1], torch.tensor([-1.0, -1.0]))
+    assert batch.finish_reasons == ["stop"] * 4
+    with pytest.raises(EngineError, match="unexpected SGLang finish_reason"):
+        SGLangEngine(FakeEngine(finish=None)).generate([[1]], SamplingParams())
+
+
+def test_weight_update_requests_carry_the_protocol_message():
+    fake = FakeEngine()
+    engine = SGLangEngine(fake, tp_size=2, name="e0")
+    _, meta = flatten_bucket([("model.norm.weight", torch.ones(4))])
+    message = update_message(meta, "weights_pp0")
+    _wait([("e0", engine.request_receive(message))], "bucket 0", timeout_s=5)
+    assert fake.calls[-1] == ("update_weights_from_distributed", message)
+    assert engine.world_size == 2
+    engine.update_weights([("model.norm.weight", torch.ones(4))])
+    _, kwargs = fake.calls[-1]
+    assert kwargs["load_format"] is None and kwargs["flush_cache"] is False
+    engine.release_memory()
+    assert fake.calls[-1] == ("release", None)
+
+
+def test_refusal_death_and_timeout_are_clear_errors():
+    refusing = SGLangEngine(FakeEngine(answer=(False, "shape mismatch for q_proj")), name="e1")
+    with pytest.raises(WeightSyncError, match="'e1' refused bucket 3: shape mismatch for q_proj"):
+        _wait([("e1", refusing.request_receive({"names": []}))], "bucket 3", timeout_s=5)
+    with pytest.raises(WeightSyncError, match="'e1' refused update_weights_from_tensor: shape mismatch"):
+        refusing.update_weights([("x", torch.ones(1))])
+    with pytest.raises(EngineError, match="'e1': shutdown failed: ConnectionRefusedError"):
+        refusing.call("shutdown")
+    slow = SGLangEngine(FakeEngine(delay=2.0), name="e2", timeout_s=0.2)
+    with pytest.raises(WeightSyncError, match="'e2' did not answer bucket 0 within 0.2 s"):
+        _wait([("e2", slow.request_receive({}))], "bucket 0", timeout_s=0.2)
+
+
+@pytest.mark.skipif(HAS_SGLANG, reason="sglang is installed")
+def test_missing_sglang_says_what_to_do():
+    with pytest.raises(ImportError, match="GPU only.*HF engine"):
+        import_sglang()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or not HAS_SGLANG, reason="needs CUDA and sglang")
+def test_real_sglang_colocated_update_release_resume_generate(tmp_path):
+    """One GPU: a tiny random Qwen3 saved as HF, served by sglang.Engine; new weights through
+    update_weights_from_tensor must change the engine's log-probs to the HF model's."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    config = Qwen3Config(
+        vocab_size=1000,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=24,
+        max_position_embeddings=256,
+    )
+    torch.manual_seed(0)
+    Qwen3ForCausalLM(config).save_pretrained(tmp_path)
+    torch.manual_seed(1)
+    target = Qwen3ForCausalLM(config).cuda().eval()
+    engine = SGLangEngine.launch(str(tmp_path), colocated=True, dtype="float32", mem_fraction_static=0.3)
+    try:
+        engine.release_memory()
+        engine.resume_memory(tags=["weights"])
+        engine.update_weights([(n, p.detach()) for n, p in target.named_parameters()])
+        engine.resume_memory(tags=["kv_cache"])
+        engine.flush_cache()
+        batch = engine.generate([[5, 6, 7]], SamplingParams(n=2, temperature=1.0, max_new_tokens=8))
+        for prompt, ids, logp in zip(batch.prompt_ids, batch.response_ids, batch.rollout_logp, strict=True):
+            seq = torch.tensor([prompt + ids], device="cuda")
+            with torch.no_grad():
+                ref = target(seq).logits[0, len(prompt) - 1 : -1].float().log_softmax(-1)
+            ref = ref.gather(-1, seq[0, len(prompt) :, None]).squeeze(-1).cpu()
+            torch.testing.assert_close(logp, ref, atol=2e-3, rtol=0)
+    finally:
+        engine.shutdown()
