@@ -251,7 +251,7 @@ class MegatronActor:
             return loss, count.to(torch.int), {}
 
         def stats_args(index, mb):
-            topk_ids = inputs[index].topk_ids  # the student's top-K support, fixed by the old pass
+            topk_ids = None if inputs is None else inputs[index].topk_ids  # fixed by the old pass
             return {} if topk_ids is None else {"gather_ids": mb.from_response_layout(topk_ids)}
 
         self.model.train()

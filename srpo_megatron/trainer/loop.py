@@ -88,9 +88,14 @@ def train(cfg: Config) -> RunResult:
             if any(m["update_ok"] for m in train_metrics):
                 actor.update_teacher(cfg.algorithm.ema_decay)
             with timer("sync"):
-                sync_weights(actor, engine, hf_config)
+                sync_metrics = sync_weights(actor, engine, hf_config, cfg.rollout.bucket_mb * 2**20)
 
-        metrics = ro.metrics(routing, old, teacher) | _reduce_train_metrics(train_metrics) | timer.seconds
+        metrics = (
+            ro.metrics(routing, old, teacher)
+            | _reduce_train_metrics(train_metrics)
+            | sync_metrics
+            | timer.seconds
+        )
         metrics = _from_last_stage(metrics)
         logger.log(step, metrics)
         logger.print_line(step, cfg.train.total_steps, metrics)

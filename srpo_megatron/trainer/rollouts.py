@@ -224,13 +224,51 @@ def _stop_ids(tokenizer) -> list[int]:
     return sorted(i for i in ids if isinstance(i, int) and i >= 0)
 
 
-def sync_weights(actor: MegatronActor, engine, hf_config: dict) -> None:
-    """Megatron shards -> HF-named full tensors -> the in-process engine on rank 0."""
-    from srpo_megatron.models.qwen3.exporter import export_hf_tensors
+def sync_weights(actor: MegatronActor, engine, hf_config: dict, bucket_bytes: int) -> dict[str, float]:
+    """Megatron shards -> HF-named full tensors in buckets -> the in-process engine on global rank 0.
 
-    tensors = export_hf_tensors(actor.student, hf_config)  # collective: every rank iterates
-    if engine is not None:
-        engine.update_weights(tensors)
+    The exporter yields each pipeline stage's tensors on that stage's source rank (TP 0, DP 0).
+    Stage 0's source is rank 0 itself; every later stage's source sends its buckets to rank 0
+    point-to-point (flat bytes + the bucket's names / dtypes / shapes). That funnel is fine for the
+    HF engine, which is a CPU / one-GPU debug engine; SGLang engines receive each stage's broadcast
+    directly (``rollout/weight_sync/broadcast.py``).
+    """
+    from megatron.core import parallel_state
+
+    from srpo_megatron.models.qwen3.exporter import export_hf_tensors
+    from srpo_megatron.rollout.weight_sync.buckets import (
+        allocate_bucket,
+        flatten_bucket,
+        iter_buckets,
+        unflatten_bucket,
+    )
+    from srpo_megatron.rollout.weight_sync.tensor import sync_weights_in_process
+
+    stream = export_hf_tensors(actor.student, hf_config)  # collective over TP: every rank iterates
+    rank = dist.get_rank()
+    stage_sources = dist.get_process_group_ranks(parallel_state.get_pipeline_model_parallel_group())
+    if rank == 0:
+        stats = sync_weights_in_process(stream, [engine], bucket_bytes=bucket_bytes)
+        for src in stage_sources[1:]:
+            while True:
+                box = [None]
+                dist.recv_object_list(box, src=src)
+                if box[0] is None:
+                    break
+                flat = allocate_bucket(box[0])
+                dist.recv(flat, src=src)
+                engine.update_weights(unflatten_bucket(flat, box[0]))
+        return {"sync/bytes": float(stats.num_bytes)}
+    is_source = (
+        parallel_state.get_tensor_model_parallel_rank() == 0 and parallel_state.get_data_parallel_rank() == 0
+    )
+    if is_source and rank in stage_sources[1:]:
+        for bucket in iter_buckets(stream, bucket_bytes):
+            flat, meta = flatten_bucket(bucket)
+            dist.send_object_list([meta], dst=0)
+            dist.send(flat, dst=0)
+        dist.send_object_list([None], dst=0)
     else:
-        for _ in tensors:
+        for _ in stream:  # not a source: take part in the TP gathers only
             pass
+    return {}
