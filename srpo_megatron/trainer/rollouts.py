@@ -175,11 +175,10 @@ def _per_row(mb: MicroBatch, *flat: torch.Tensor | None):
     """Split flat [N, ...] per-token tensors into per-row pieces: yields (row index, pieces)."""
     lengths = mb.response_mask.sum(dim=1).tolist()
     offset = 0
-    for b, (r, n) in enumerate(zip(mb.index.tolist(), lengths, strict=True)):
+    for r, n in zip(mb.index.tolist(), lengths, strict=True):
         if r >= 0:
             yield r, tuple(None if t is None else t[offset : offset + n].cpu() for t in flat)
         offset += n
-    del b
 
 
 # ---- engine ---------------------------------------------------------------------------------------
