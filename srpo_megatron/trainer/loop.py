@@ -55,6 +55,7 @@ def train(cfg: Config) -> RunResult:
     last_stage = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
     routing_rng = torch.Generator().manual_seed(cfg.train.seed)
     summary: dict[str, float] = {}
+    rewards: list[float] = []
 
     for step in range(1, cfg.train.total_steps + 1):
         timer = PhaseTimer()
@@ -100,12 +101,20 @@ def train(cfg: Config) -> RunResult:
         logger.log(step, metrics)
         logger.print_line(step, cfg.train.total_steps, metrics)
         summary = metrics
+        rewards.append(metrics["reward_mean"])
+    if dist.get_rank() == 0 and rewards:
+        k = min(10, len(rewards))
+        first, last = sum(rewards[:k]) / k, sum(rewards[-k:]) / k
+        print(f"reward_mean: first {k} steps {first:.3f}, last {k} steps {last:.3f} ({last - first:+.3f})")
+        print(f"metrics: {cfg.output_dir / 'metrics.jsonl'}")
     logger.close()
     return RunResult(summary, actor, engine)
 
 
 def _my_share(num_rollouts: int, dp: int, dp_rank: int) -> list[int]:
-    """Rollout indices of this data-parallel rank: an equal contiguous slice of every mini-batch."""
+    """Rollout indices of this data-parallel rank: an equal contiguous slice of the step's rollouts
+    (whole prompt groups, since validate_layout makes mini_batch_prompts divisible by dp). Optimizer
+    step k trains on the k-th part of every rank's slice: mini_batch_prompts prompts in all."""
     per_rank = num_rollouts // dp
     return list(range(dp_rank * per_rank, (dp_rank + 1) * per_rank))
 

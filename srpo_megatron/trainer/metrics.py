@@ -86,7 +86,7 @@ class MetricsLogger:
             return
         parts = [f"step {step}/{total_steps}"]
         parts += [f"{label} {metrics[key]:.4g}" for key, label in _LINE if key in metrics]
-        self.console.print("  ".join(parts))
+        self.console.print("  ".join(parts), soft_wrap=True)
 
     def close(self) -> None:
         if self._jsonl is not None:

@@ -197,7 +197,7 @@ def make_engine(cfg: Config, tokenizer):
     from srpo_megatron.rollout.hf_engine import HFEngine
 
     dtype = torch.float32 if cfg.model.dtype == "float32" else torch.bfloat16
-    model = AutoModelForCausalLM.from_pretrained(cfg.model.hf_dir, torch_dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(cfg.model.hf_dir, dtype=dtype)
     return HFEngine(model, pad_token_id=tokenizer.pad_token_id or 0)
 
 

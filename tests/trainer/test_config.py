@@ -52,3 +52,21 @@ def test_layout_that_does_not_fit_the_world():
     cfg = load_config([CONFIGS / "qwen3_8b_srpo.yaml"], REQUIRED)
     with pytest.raises(ValueError, match="does not divide the world size 6"):
         validate_layout(cfg, world_size=6)
+
+
+def test_8b_example_dry_run_on_cpu():
+    """The 8B launcher's config, layout (8 ranks) and model (meta device) pass start-up validation."""
+    import os
+    import subprocess
+
+    root = CONFIGS.parent
+    env = {**os.environ, "GPUS_PER_NODE": "8", "OMP_NUM_THREADS": "1"}
+    env["PATH"] = f"{root / '.venv' / 'bin'}:{env['PATH']}" if (root / ".venv").is_dir() else env["PATH"]
+    out = subprocess.run(
+        ["bash", "examples/run_qwen3_8b_srpo.sh", "--dry-run"],
+        cwd=root, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "plan: world 8 = tp 4 x pp 1 x dp 2" in out.stdout
+    assert "8.191 B parameters" in out.stdout  # HF Qwen3-8B: 8,190,735,360 (+ the vocab padding rows: none)
+    assert "dry run OK" in out.stdout
