@@ -4,7 +4,6 @@ rank receives) joins the group, allocates, receives and loads by HF name. Result
 
 One receiver process and one sender world per test: every spawned process costs seconds of imports."""
 
-import importlib.util
 import multiprocessing as mp
 import pickle
 
@@ -178,6 +177,7 @@ def make_hf_checkpoint(hf_dir):
 def megatron_logp(model, tokens, vocab_size, temperature):
     """log softmax(logits / temperature) at the next token, TP=1 or 2, PP=1: [B, S-1]."""
     from megatron.core import parallel_state as ps
+
     from srpo_megatron.models.vocab import mask_padded_vocab
 
     batch, seq = tokens.shape
@@ -195,11 +195,11 @@ def megatron_senders(hf_dir, ports, requests, replies):
     """Trainer world of 2: (A) TP=2 -> receiver, then the HF engine's rollout log-probs vs the
     actor's; (B) PP=2, each stage broadcasting its own layers -> receiver (scrambled first)."""
     from megatron.core import parallel_state as ps
+
     from srpo_megatron.models.qwen3.config import load_hf_config
     from srpo_megatron.models.qwen3.exporter import export_hf_tensors
     from srpo_megatron.models.qwen3.loader import load_hf_weights
     from srpo_megatron.models.qwen3.provider import build_qwen3_model
-
     from srpo_megatron.rollout.engine import SamplingParams
     from srpo_megatron.rollout.hf_engine import HFEngine
     from srpo_megatron.rollout.metrics import logp_gap
@@ -276,10 +276,6 @@ def megatron_senders(hf_dir, ports, requests, replies):
     return report
 
 
-HAS_QWEN3 = importlib.util.find_spec("srpo_megatron.models.qwen3.exporter") is not None
-
-
-@pytest.mark.skipif(not HAS_QWEN3, reason="needs the Megatron Qwen3 exporter (models/qwen3, issue 3)")
 def test_megatron_tp2_and_pp2_sync_bitwise_and_rollout_logp_matches_the_actor(tmp_path):
     from safetensors.torch import load_file
 
