@@ -3,17 +3,18 @@
 Rank 0 is the trainer's source rank, rank 1 an engine rank running SGLang's receive protocol
 (``BroadcastWeightReceiver`` loading into preallocated tensors by name). The tensors have the
 shapes of a Qwen3 (defaults: 28 layers, hidden 512: 310 tensors, ~210 MB in bf16). Each mode
-syncs the full set ``--repeats`` times after one warm-up; the median is reported.
+syncs the full set ``--repeats`` times after one warm-up, modes interleaved; the median is reported.
 
   bucketed      SGLang ``load_format="flattened_bucket"``: one request + one broadcast per bucket
   per_tensor    one request + one broadcast per tensor (the naive sync: a bucket per tensor)
   per_tensor_in_buckets  one request per bucket, one broadcast per tensor (SGLang's plain format)
 
-Prints the figures; the last line is one JSON object (``time_ratio`` = bucketed / per_tensor).
+The sender keeps one bucket in flight while it flattens the next into a reused buffer (both modes
+pipeline their requests the same way). Prints the figures; the last line is one JSON object (``time_ratio`` = bucketed / per_tensor).
 Gloo on one host measures the per-collective and per-request overheads bucketing removes; on GPUs
 NCCL's per-collective launch cost is smaller but the per-request RPC is the same.
 
-    python benchmarks/weight_sync.py [--layers 28 --hidden 512 --bucket-mb 64 --repeats 5]
+    python benchmarks/weight_sync.py [--layers 28 --hidden 512 --bucket-mb 64 --repeats 9]
 """
 
 import argparse
@@ -103,7 +104,7 @@ def main():
     parser.add_argument("--vocab", type=int, default=32768)
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--bucket-mb", type=float, default=64)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=9)
     args = parser.parse_args()
 
     ctx = mp.get_context("spawn")

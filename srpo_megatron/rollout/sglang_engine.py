@@ -1,8 +1,11 @@
 """SGLang rollout engine: a thin adapter over ``sglang.Engine`` (in-process) or a launched server.
 
-Written against sglang's own source (sgl-project/sglang, read for the pinned 0.5.x line:
-``python/sglang/srt/entrypoints/engine.py`` class ``Engine`` and the HTTP routes of
-``entrypoints/http_server.py`` that mirror it):
+Written against sglang's own source, sgl-project/sglang as stored in the code index (the full
+repository, 1.2 GB, could not be fetched to check out the pinned 0.5.23 tag itself; the stored
+files are of the 0.5 line, newer than 0.5.3): ``python/sglang/srt/entrypoints/engine.py`` class
+``Engine`` (commit 001067ff), ``model_executor/model_runner.py`` and its newer split-out weight
+updater (the receive side), ``weight_sync/tensor_bucket.py`` (the flat multi-dtype layout). Re-read
+these at the installed version when sglang is upgraded. What we use:
 
 - ``generate(input_ids=[[...]], sampling_params=[{...}], return_logprob=True)`` -> one dict per
   input with ``output_ids`` and ``meta_info`` (``output_token_logprobs``: ``(logprob, token_id,

@@ -4,7 +4,6 @@ rank receives) joins the group, allocates, receives and loads by HF name. Result
 
 One receiver process and one sender world per test: every spawned process costs seconds of imports."""
 
-import importlib.util
 import multiprocessing as mp
 import pickle
 
@@ -277,10 +276,6 @@ def megatron_senders(hf_dir, ports, requests, replies):
     return report
 
 
-HAS_QWEN3 = importlib.util.find_spec("srpo_megatron.models.qwen3.exporter") is not None
-
-
-@pytest.mark.skipif(not HAS_QWEN3, reason="needs the Megatron Qwen3 exporter (models/qwen3, issue 3)")
 def test_megatron_tp2_and_pp2_sync_bitwise_and_rollout_logp_matches_the_actor(tmp_path):
     from safetensors.torch import load_file
 

@@ -62,6 +62,14 @@ def test_mixed_dtypes_round_trip_bitwise_through_the_flat_layout():
         assert got.dtype == want.dtype and got.shape == want.shape and torch.equal(got, want)
     # SGLang's layout: each tensor's bytes, concatenated in order
     assert torch.equal(flat[6:46], named[1][1].reshape(-1).view(torch.uint8))
+    # into a reused, larger buffer: the same bytes at its front; the receiver reuses likewise
+    buffer = torch.zeros(500, dtype=torch.uint8)
+    into, _ = flatten_bucket(named, out=buffer)
+    assert into.data_ptr() == buffer.data_ptr() and torch.equal(into, flat)
+    assert allocate_bucket(meta, reuse=buffer).data_ptr() == buffer.data_ptr()
+    assert allocate_bucket(meta, reuse=buffer[:10]).numel() == meta.nbytes  # too small: a new one
+    with pytest.raises(ValueError, match="at least 118 bytes"):
+        flatten_bucket(named, out=buffer[:100])
 
 
 def test_layout_errors_are_clear():

@@ -44,6 +44,7 @@ from srpo_megatron.rollout.weight_sync.buckets import (
     DEFAULT_BUCKET_BYTES,
     BucketMeta,
     allocate_bucket,
+    bucket_meta,
     flatten_bucket,
     iter_buckets,
     parse_dtype,
@@ -206,6 +207,8 @@ class BroadcastWeightSender:
         self.timeout_s = timeout_s
         self.device = device
         self.group: dist.ProcessGroup | None = None
+        # two flat send buffers, reused: one bucket in flight while the next is flattened
+        self._buffers: list[torch.Tensor | None] = [None, None]
 
     @property
     def world_size(self) -> int:
@@ -240,37 +243,56 @@ class BroadcastWeightSender:
     def send(self, named_tensors: Iterable[tuple[str, torch.Tensor]], *, flattened: bool = True) -> SyncStats:
         """Bucket the stream and broadcast it; returns once every engine has loaded every bucket.
 
-        flattened=False sends one broadcast per tensor (SGLang's plain protocol), for comparison.
+        One bucket is in flight while the next is pulled from the exporter and flattened, so at
+        most two flat buckets are alive. flattened=False sends one broadcast per tensor (SGLang's
+        plain protocol), for comparison.
         """
         if self.group is None:
             raise RuntimeError("call connect() before send()")
         stats = SyncStats()
         start = time.perf_counter()
+        in_flight = None
         for index, bucket in enumerate(iter_buckets(named_tensors, self.bucket_bytes)):
             if self.device is not None:
                 bucket = [(n, t.to(self.device)) for n, t in bucket]
-            flat, meta = flatten_bucket(bucket)
+            if flattened:
+                flat, meta = flatten_bucket(bucket, out=self._send_buffer(index % 2, bucket))
+                payload = [flat]
+            else:
+                meta, payload = bucket_meta(bucket), [t.contiguous() for _, t in bucket]
             message = update_message(meta, self.address.group_name, flattened=flattened)
             futures = [(e.name, e.request_receive(message)) for e in self.engines]
-            if flattened:
-                works = [dist.broadcast(flat, group=self.group, group_src=0, async_op=True)]
-            else:
-                works = [
-                    dist.broadcast(t.contiguous(), group=self.group, group_src=0, async_op=True)
-                    for _, t in bucket
-                ]
-            # The engines' answers first: one that refuses never joins the broadcast, and waiting on
-            # the collective would then hang until the group timeout instead of naming the engine.
-            _wait(futures, f"bucket {index} ({len(meta.names)} tensors, {meta.nbytes} bytes)", self.timeout_s)
-            for work in works:
-                work.wait()
+            works = [dist.broadcast(t, group=self.group, group_src=0, async_op=True) for t in payload]
+            if in_flight is not None:
+                self._finish(*in_flight)
+            in_flight = (index, meta, futures, works, payload)
             stats.num_tensors += len(meta.names)
             stats.num_buckets += 1
             stats.num_bytes += meta.nbytes
+        if in_flight is not None:
+            self._finish(*in_flight)
         stats.seconds = time.perf_counter() - start
         return stats
 
+    def _send_buffer(self, slot: int, bucket: list[tuple[str, torch.Tensor]]) -> torch.Tensor:
+        nbytes = sum(t.numel() * t.element_size() for _, t in bucket)
+        buffer = self._buffers[slot]
+        device = bucket[0][1].device
+        if buffer is None or buffer.numel() < nbytes or buffer.device != device:
+            buffer = torch.empty(max(nbytes, self.bucket_bytes), dtype=torch.uint8, device=device)
+            self._buffers[slot] = buffer
+        return buffer
+
+    def _finish(self, index, meta, futures, works, payload) -> None:
+        # The engines' answers first: one that refuses never joins the broadcast, and waiting on
+        # the collective would then hang until the group timeout instead of naming the engine.
+        _wait(futures, f"bucket {index} ({len(meta.names)} tensors, {meta.nbytes} bytes)", self.timeout_s)
+        for work in works:
+            work.wait()
+        del payload  # the sent buffers may go now
+
     def close(self) -> None:
+        self._buffers = [None, None]
         if self.group is not None:
             dist.destroy_process_group(self.group)
             self.group = None
@@ -280,7 +302,9 @@ class BroadcastWeightReceiver:
     """SGLang's receive side for one engine rank, in plain torch (see module docstring).
 
     load_weights: called with each received bucket's ``[(hf_name, tensor)]`` (e.g.
-    ``HFEngine.update_weights``). Methods return ``(success, message)`` like SGLang's.
+    ``HFEngine.update_weights``); it must copy the tensors, not keep them (they are views into a
+    receive buffer that the next bucket reuses, as SGLang's ``model.load_weights`` copies into the
+    parameters). Methods return ``(success, message)`` like SGLang's.
     """
 
     def __init__(
@@ -296,6 +320,7 @@ class BroadcastWeightReceiver:
         self.device = device
         self.timeout_s = timeout_s
         self.groups: dict[str, dist.ProcessGroup] = {}
+        self._buffer: torch.Tensor | None = None  # reused: load_weights copies out of it
 
     def init_weights_update_group(
         self,
@@ -337,7 +362,9 @@ class BroadcastWeightReceiver:
         try:
             meta = BucketMeta(tuple(names), tuple(dtypes), tuple(tuple(s) for s in shapes))
             if load_format == FLATTENED_BUCKET:
-                flat = allocate_bucket(meta, self.device)
+                flat = allocate_bucket(meta, self.device, reuse=self._buffer)
+                if self._buffer is None or flat.numel() > self._buffer.numel():
+                    self._buffer = flat
                 dist.broadcast(flat, group=group, group_src=0)
                 weights = unflatten_bucket(flat, meta)
             elif load_format is None:
