@@ -24,13 +24,20 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=defaults.steps)
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--lr", type=float, default=defaults.lr)
+    parser.add_argument("--teacher-fraction", type=float, default=defaults.teacher_fraction)
     parser.add_argument("--eval-prompts", type=int, default=128, help="0 skips the evaluation")
     parser.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the offline Qwen3 one)")
     args = parser.parse_args(argv)
 
     tokenizer = load_tokenizer(args.tokenizer)
     model = build_tiny_qwen3(tokenizer, args.seed)
-    config = WarmupConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    config = WarmupConfig(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        teacher_fraction=args.teacher_fraction,
+    )
     start = time.perf_counter()
     losses = format_warmup(model, tokenizer, config)
     seconds = time.perf_counter() - start

@@ -6,6 +6,12 @@ forever. A short supervised warm-up on synthetic prompts with targets
 teaches the format but not the rule: the best the warm-up can do is predict 1/4 for each letter,
 so the warmed-up model answers in format at chance accuracy (25%) and RL has room to climb.
 
+Half of the warm-up prompts (``WarmupConfig.teacher_fraction``) are SDPO teacher prompts instead
+(ALGORITHM.md sec. 2: the question, then "Correct solution: <answer>X</answer>"), whose target is
+that same X. This teaches the tiny model what a Qwen3-8B brings by itself: reading a solution in
+its context. Without it the self-teacher of the tiny run is as clueless as the student and SDPO has
+nothing to distil. The letter X is still random, so nothing about the rule leaks.
+
 Cost: the loss needs logits only at the 7 target positions, so the 151,936-row output layer is
 applied to those hidden states alone, not to the whole prompt.
 """
@@ -18,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from srpo_megatron.data.synthetic import LETTERS, make_synthetic_rows
+from srpo_megatron.data.teacher_prompt import build_teacher_messages
 from srpo_megatron.data.templating import encode_prompt
 from srpo_megatron.rewards import score_science_mcq
 
@@ -45,10 +52,12 @@ class WarmupConfig:
     ln(4)/7 = 0.198: one uniformly random token in seven), 93% in format at temperature 1,
     accuracy 25%. lr 1e-2 diverges; 30 steps at 5e-3 give only 81% in format."""
 
-    steps: int = 50
+    steps: int = 200
     batch_size: int = 16
-    lr: float = 5e-3
+    lr: float = 1e-3
     seed: int = 0
+    teacher_fraction: float = 0.5
+    """share of warm-up prompts written as SDPO teacher prompts (target: the letter in the solution)"""
 
 
 def build_tiny_qwen3(tokenizer, seed: int, config: TinyQwen3Config | None = None):
@@ -108,8 +117,14 @@ def format_warmup(model, tokenizer, config: WarmupConfig) -> list[float]:
     losses = []
     for step in range(config.steps):
         batch = rows[step * config.batch_size : (step + 1) * config.batch_size]
-        prompts = [encode_prompt(tokenizer, row.messages) for row in batch]
-        targets = [answer_ids(tokenizer, letters.choice(LETTERS)) for _ in batch]
+        prompts, targets = [], []
+        for row in batch:
+            letter = letters.choice(LETTERS)
+            messages = row.messages
+            if letters.random() < config.teacher_fraction:
+                messages = build_teacher_messages(messages, f"<answer>{letter}</answer>")
+            prompts.append(encode_prompt(tokenizer, messages))
+            targets.append(answer_ids(tokenizer, letter))
         input_ids, mask, rows_at, cols_at, labels = _batch(tokenizer, prompts, targets)
         hidden = model.model(input_ids=input_ids, attention_mask=mask).last_hidden_state  # [B, T, H]
         logits = model.lm_head(hidden[rows_at, cols_at])  # [N, V], N = target tokens only

@@ -247,7 +247,10 @@ class MegatronActor:
                 alg, batch, num_tokens=1.0, weight_sum=weight_sum, weight_count=weight_count
             )
             count = count_denominator_tokens(alg, batch.loss_mask, batch.route_sdpo)
-            per_micro_batch.append({k: float(v) for k, v in metrics.items()} | {"num_tokens": int(count)})
+            per_micro_batch.append(
+                {k: float(v) for k, v in metrics.items()}
+                | {"num_tokens": int(count), "valid_tokens": int(mb.response_mask.sum())}
+            )
             return loss, count.to(torch.int), {}
 
         def stats_args(index, mb):
@@ -265,7 +268,7 @@ class MegatronActor:
             "update_ok": float(bool(update_ok)),
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
             "lr": self.optimizer.param_groups[0]["lr"],
-            "_micro_batches": per_micro_batch,
+            "micro_batches": per_micro_batch,  # empty on all but the last pipeline stage
         }
 
     @torch.no_grad()

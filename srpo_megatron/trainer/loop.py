@@ -150,21 +150,43 @@ def _global_weight_stats(inputs: list[TrainInputs], micro_batches, beta: float):
 
 
 def _reduce_train_metrics(per_update: list[dict]) -> dict[str, float]:
-    """Mean over optimizer steps; per-micro-batch loss terms are summed (numerators) and normalised."""
+    """One number per key over the step's optimizer updates and their micro-batches.
+
+    Loss terms are numerators: summed, then divided by the step's token count. Branch statistics
+    are means over that branch's tokens (a micro-batch without such tokens does not count);
+    weight min / max are the extremes.
+    """
     out: dict[str, float] = {}
-    micro = [m for update in per_update for m in update.get("_micro_batches", [])]
-    tokens = sum(m["num_tokens"] for m in micro)
-    for key in ("loss/grpo", "loss/sdpo"):
-        if micro:
-            out[key] = sum(m.get(key, 0.0) for m in micro) / max(tokens, 1)
-    if micro:
-        out["loss"] = out.get("loss/grpo", 0.0) + out.get("loss/sdpo", 0.0)
     for key in ("grad_norm", "lr", "update_ok"):
         values = [u[key] for u in per_update if not math.isnan(u[key])]
         out[key] = sum(values) / len(values) if values else float("nan")
-    for key in micro[0] if micro else ():
-        if key.startswith(("grpo/", "sdpo/", "is/", "dw/")):
-            out[key] = sum(m[key] for m in micro) / len(micro)
+    micro = [m for update in per_update for m in update["micro_batches"]]
+    if not micro:  # not the last pipeline stage
+        return out
+    tokens = max(sum(m["num_tokens"] for m in micro), 1)
+    out["loss/grpo"] = sum(m["loss/grpo"] for m in micro) / tokens
+    out["loss/sdpo"] = sum(m["loss/sdpo"] for m in micro) / tokens
+    out["loss"] = out["loss/grpo"] + out["loss/sdpo"]
+    branch_tokens = {
+        "grpo/": [m["route/grpo_token_frac"] * m["valid_tokens"] for m in micro],
+        "sdpo/": [m["route/sdpo_token_frac"] * m["valid_tokens"] for m in micro],
+        "dw/": [m["route/sdpo_token_frac"] * m["valid_tokens"] for m in micro],
+        "is/": [m["valid_tokens"] for m in micro],
+    }
+    for key in micro[0]:
+        prefix = next((p for p in branch_tokens if key.startswith(p)), None)
+        if prefix is None:
+            continue
+        weights = branch_tokens[prefix]
+        present = [(m[key], w) for m, w in zip(micro, weights, strict=True) if w > 0]
+        if not present:
+            out[key] = 0.0
+        elif key.endswith("_min"):
+            out[key] = min(v for v, _ in present)
+        elif key.endswith("_max"):
+            out[key] = max(v for v, _ in present)
+        else:
+            out[key] = sum(v * w for v, w in present) / sum(w for _, w in present)
     return out
 
 

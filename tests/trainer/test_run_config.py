@@ -64,7 +64,11 @@ def test_8b_example_dry_run_on_cpu():
     env["PATH"] = f"{root / '.venv' / 'bin'}:{env['PATH']}" if (root / ".venv").is_dir() else env["PATH"]
     out = subprocess.run(
         ["bash", "examples/run_qwen3_8b_srpo.sh", "--dry-run"],
-        cwd=root, env=env, capture_output=True, text=True, timeout=300,
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "plan: world 8 = tp 4 x pp 1 x dp 2" in out.stdout
