@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The embedded default: the tiny CPU SRPO run, 2 processes on gloo (TP=2), about 10 minutes on 2 cores.
 # The starting checkpoint (tiny Qwen3 after a format warm-up) and the synthetic data are made once,
-# under outputs/. Extra arguments are passed on: e.g. `--config configs/grpo_tiny.yaml`, key=value.
+# under outputs/. Extra arguments are passed on as key=value overrides, e.g. the baselines:
+#   bash examples/run_tiny_cpu.sh algorithm.variant=grpo log.run_name=tiny_cpu_grpo
 set -euo pipefail
 cd "$(dirname "$0")/.."
 py="${VIRTUAL_ENV:-$PWD/.venv}/bin/python"
