@@ -96,6 +96,32 @@ class TrainConfig:
 
 
 @dataclass
+class CkptConfig:
+    save_every: int = 50
+    """Save a training checkpoint every N steps (and after the last step); 0 = only after the last."""
+    keep_last: int = 2
+    """Complete checkpoints kept; older ones are deleted once a newer one is complete."""
+    resume: str = "auto"
+    """"auto": continue from the newest complete checkpoint under <output_dir>/checkpoints (if any);
+    "none": start fresh; or the path of a checkpoint directory."""
+    export_hf: bool = True
+    """After the last step, write <output_dir>/hf (HF safetensors + tokenizer) from the last checkpoint."""
+
+
+@dataclass
+class EvalConfig:
+    every: int = 0
+    """Evaluate on data.test_files every N steps and after the last step; 0 = only after the last,
+    -1 = never."""
+    n_samples: int = 16
+    """Samples per test prompt; the metric is avg@n (mean accuracy over the n samples)."""
+    temperature: float = 0.6
+    top_p: float = 0.95
+    max_new_tokens: int | None = None
+    """Defaults to rollout.max_new_tokens."""
+
+
+@dataclass
 class LogConfig:
     run_name: str = "srpo"
     output_dir: str | None = None
@@ -113,6 +139,8 @@ class Config:
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    ckpt: CkptConfig = field(default_factory=CkptConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
     @property
@@ -176,6 +204,15 @@ def validate_config(cfg: Config) -> None:
     )
     _check(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
     _check(o.clip_grad >= 0, "optim.clip_grad", "must be >= 0 (0 = off)")
+    _check(cfg.ckpt.save_every >= 0, "ckpt.save_every", "must be >= 0")
+    _check(cfg.ckpt.keep_last >= 1, "ckpt.keep_last", "must be >= 1")
+    _check(cfg.eval.every >= -1, "eval.every", "must be >= -1")
+    _check(cfg.eval.n_samples >= 1, "eval.n_samples", "must be >= 1")
+    _check(
+        0 < cfg.eval.top_p <= 1 and cfg.eval.temperature > 0,
+        "eval.temperature/top_p",
+        "need temperature > 0, 0 < top_p <= 1",
+    )
     try:
         cfg.algorithm.validate()
     except ValueError as err:

@@ -10,7 +10,7 @@ then trains on its own contiguous share of every mini-batch.
 """
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -20,8 +20,24 @@ from srpo_megatron.config import Config, validate_layout
 from srpo_megatron.runtime.distributed import ParallelLayout, init_distributed
 from srpo_megatron.trainer.actor import MegatronActor, TrainInputs
 from srpo_megatron.trainer.batching import build_micro_batches
+from srpo_megatron.trainer.checkpoint import (
+    checkpoint_root,
+    export_hf,
+    find_resume_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+    truncate_metrics,
+)
+from srpo_megatron.trainer.evaluation import BestWithinBudget, evaluate, load_eval_prompts
 from srpo_megatron.trainer.metrics import MetricsLogger, PhaseTimer
-from srpo_megatron.trainer.rollouts import StepRollouts, generate_rollouts, make_engine, sync_weights
+from srpo_megatron.trainer.rollouts import (
+    StepRollouts,
+    generate_rollouts,
+    make_engine,
+    stop_token_ids,
+    sync_weights,
+)
 from srpo_megatron.trainer.setup import load_training_data
 
 
@@ -32,83 +48,163 @@ class RunResult:
     engine: object  # the rollout engine on its owner rank, None elsewhere
 
 
+@dataclass
+class Run:
+    """What lives for the whole run."""
+
+    cfg: Config
+    hf_config: dict
+    tokenizer: object
+    dataset: object
+    actor: MegatronActor
+    engine: object
+    logger: MetricsLogger
+    routing_rng: torch.Generator
+    eval_prompts: list
+    best: BestWithinBudget = field(default_factory=BestWithinBudget)
+    hours: float = 0.0  # training wall clock so far (for the eval budgets), kept across resumes
+
+
 def train(cfg: Config) -> RunResult:
+    run = _setup(cfg)
+    start = _resume_if_any(run)
+    sync_weights(run.actor, run.engine, run.hf_config, cfg.rollout.bucket_mb * 2**20)  # engine = actor
+    metrics, rewards = {}, []
+    for step in range(start + 1, cfg.train.total_steps + 1):
+        metrics = train_step(run, step)
+        run.hours += metrics["time/total"] / 3600
+        last = step == cfg.train.total_steps
+        if run.eval_prompts and (last or _every(step, cfg.eval.every)):
+            metrics |= _evaluate(run, step)
+        run.logger.log(step, metrics)
+        run.logger.print_line(step, cfg.train.total_steps, metrics)
+        rewards.append(metrics["reward_mean"])
+        if last or _every(step, cfg.ckpt.save_every):
+            extra = {"hours": run.hours, "best": run.best.state_dict()}
+            save_checkpoint(cfg, step, run.actor, run.dataset, run.routing_rng, run.hf_config, extra)
+    _finish(run, rewards)
+    return RunResult(metrics, run.actor, run.engine)
+
+
+def train_step(run: Run, step: int) -> dict[str, float]:
+    """One SRPO step (the diagram at the top of this file); returns its metrics."""
     from megatron.core import parallel_state
 
+    cfg, actor = run.cfg, run.actor
+    dp = parallel_state.get_data_parallel_world_size()
+    last_stage = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+    updates = cfg.train.prompts_per_step // cfg.train.mini_batch_prompts
+    timer = PhaseTimer()
+    with timer("total"):
+        rows = run.dataset.next_batch()
+        with timer("rollout"):
+            ro: StepRollouts = generate_rollouts(
+                run.engine, cfg, run.tokenizer, rows, seed=cfg.train.seed + step
+            )
+        with timer("reward"):
+            ro.score(rows, run.tokenizer)
+        routing = route_rollouts(ro.rewards, ro.group_ids, cfg.algorithm, generator=run.routing_rng)
+        advantages = compute_group_advantages(ro.rewards, ro.group_ids, std_norm=cfg.algorithm.adv_std_norm)
+
+        mine = _my_share(len(ro), dp, parallel_state.get_data_parallel_rank())
+        with timer("old_logp"):
+            old = ro.score_student(actor, mine, topk=cfg.algorithm.topk if cfg.algorithm.uses_teacher else 0)
+        with timer("teacher"):
+            needs = [i for i in mine if bool(routing.needs_teacher[i])]
+            teacher = ro.score_teacher(actor, needs, routing, old, run.tokenizer, rows, cfg)
+        with timer("train"):
+            per_update = len(mine) // updates
+            train_metrics = [
+                _train_mini_batch(
+                    actor,
+                    cfg,
+                    ro,
+                    mine[k * per_update : (k + 1) * per_update],
+                    routing,
+                    advantages,
+                    old,
+                    teacher,
+                    last_stage,
+                )
+                for k in range(updates)
+            ]
+        if any(m["update_ok"] for m in train_metrics):
+            actor.update_teacher(cfg.algorithm.ema_decay)
+        with timer("sync"):
+            sync_metrics = sync_weights(actor, run.engine, run.hf_config, cfg.rollout.bucket_mb * 2**20)
+
+    metrics = ro.metrics(routing, old, teacher) | _reduce_train_metrics(train_metrics) | sync_metrics
+    return _from_last_stage(metrics) | timer.seconds
+
+
+def _setup(cfg: Config) -> Run:
     from srpo_megatron.models.qwen3.config import load_hf_config
 
     init_distributed(ParallelLayout(tp=cfg.model.tp, pp=cfg.model.pp), seed=cfg.train.seed)
-    dp = validate_layout(cfg, dist.get_world_size())
+    validate_layout(cfg, dist.get_world_size())
     hf_config = load_hf_config(cfg.model.hf_dir)
     tokenizer, dataset = load_training_data(cfg)
     updates_per_step = cfg.train.prompts_per_step // cfg.train.mini_batch_prompts
-    actor = MegatronActor(cfg, hf_config, optimizer_steps=cfg.train.total_steps * updates_per_step)
-    engine = make_engine(cfg, tokenizer)
-    logger = MetricsLogger(
-        cfg.output_dir,
-        enabled=dist.get_rank() == 0,
-        tensorboard=cfg.log.tensorboard,
-        wandb_project=cfg.log.wandb_project,
-        run_name=cfg.log.run_name,
+    return Run(
+        cfg=cfg,
+        hf_config=hf_config,
+        tokenizer=tokenizer,
+        dataset=dataset,
+        actor=MegatronActor(cfg, hf_config, optimizer_steps=cfg.train.total_steps * updates_per_step),
+        engine=make_engine(cfg, tokenizer),
+        logger=MetricsLogger(
+            cfg.output_dir,
+            enabled=dist.get_rank() == 0,
+            tensorboard=cfg.log.tensorboard,
+            wandb_project=cfg.log.wandb_project,
+            run_name=cfg.log.run_name,
+        ),
+        routing_rng=torch.Generator().manual_seed(cfg.train.seed),
+        eval_prompts=load_eval_prompts(cfg, tokenizer) if cfg.eval.every >= 0 else [],
     )
-    dp_rank = parallel_state.get_data_parallel_rank()
-    last_stage = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
-    routing_rng = torch.Generator().manual_seed(cfg.train.seed)
-    summary: dict[str, float] = {}
-    rewards: list[float] = []
 
-    for step in range(1, cfg.train.total_steps + 1):
-        timer = PhaseTimer()
-        with timer("total"):
-            rows = dataset.next_batch()
-            with timer("rollout"):
-                ro: StepRollouts = generate_rollouts(engine, cfg, tokenizer, rows, seed=cfg.train.seed + step)
-            with timer("reward"):
-                ro.score(rows, tokenizer)
-            routing = route_rollouts(ro.rewards, ro.group_ids, cfg.algorithm, generator=routing_rng)
-            advantages = compute_group_advantages(
-                ro.rewards, ro.group_ids, std_norm=cfg.algorithm.adv_std_norm
-            )
 
-            mine = _my_share(len(ro), dp, dp_rank)
-            with timer("old_logp"):
-                old = ro.score_student(
-                    actor, mine, topk=cfg.algorithm.topk if cfg.algorithm.uses_teacher else 0
-                )
-            with timer("teacher"):
-                needs = [i for i in mine if bool(routing.needs_teacher[i])]
-                teacher = ro.score_teacher(actor, needs, routing, old, tokenizer, rows, cfg)
-            with timer("train"):
-                train_metrics = []
-                per_update = len(mine) // updates_per_step
-                for k in range(updates_per_step):
-                    ids = mine[k * per_update : (k + 1) * per_update]
-                    train_metrics.append(
-                        _train_mini_batch(actor, cfg, ro, ids, routing, advantages, old, teacher, last_stage)
-                    )
-            if any(m["update_ok"] for m in train_metrics):
-                actor.update_teacher(cfg.algorithm.ema_decay)
-            with timer("sync"):
-                sync_metrics = sync_weights(actor, engine, hf_config, cfg.rollout.bucket_mb * 2**20)
+def _resume_if_any(run: Run) -> int:
+    """The step to continue after (0 for a fresh run)."""
+    path = find_resume_checkpoint(run.cfg)
+    if path is None:
+        return 0
+    step, extra = load_checkpoint(path, run.cfg, run.actor, run.dataset, run.routing_rng)
+    run.hours = extra["hours"]
+    run.best.load_state_dict(extra["best"])
+    truncate_metrics(run.cfg, step)
+    if dist.get_rank() == 0:
+        print(f"resumed from {path} (step {step})")
+    return step
 
-        metrics = (
-            ro.metrics(routing, old, teacher)
-            | _reduce_train_metrics(train_metrics)
-            | sync_metrics
-            | timer.seconds
+
+def _evaluate(run: Run, step: int) -> dict[str, float]:
+    timer = PhaseTimer()
+    with timer("eval"):
+        metrics = evaluate(
+            run.engine, run.cfg, run.tokenizer, run.eval_prompts, stop_token_ids(run.tokenizer), seed=step
         )
-        metrics = _from_last_stage(metrics)
-        logger.log(step, metrics)
-        logger.print_line(step, cfg.train.total_steps, metrics)
-        summary = metrics
-        rewards.append(metrics["reward_mean"])
-    if dist.get_rank() == 0 and rewards:
+    key = f"eval/avg@{run.cfg.eval.n_samples}"
+    return metrics | run.best.update(metrics[key], run.hours) | timer.seconds
+
+
+def _finish(run: Run, rewards: list[float]) -> None:
+    cfg = run.cfg
+    run.logger.close()
+    if dist.get_rank() != 0:
+        return
+    if rewards:
         k = min(10, len(rewards))
         first, last = sum(rewards[:k]) / k, sum(rewards[-k:]) / k
         print(f"reward_mean: first {k} steps {first:.3f}, last {k} steps {last:.3f} ({last - first:+.3f})")
-        print(f"metrics: {cfg.output_dir / 'metrics.jsonl'}")
-    logger.close()
-    return RunResult(summary, actor, engine)
+    print(f"metrics: {cfg.output_dir / 'metrics.jsonl'}")
+    if cfg.ckpt.export_hf:
+        _, ckpt = list_checkpoints(checkpoint_root(cfg))[-1]
+        export_hf(ckpt, cfg.output_dir / "hf", cfg.model.tokenizer_dir or cfg.model.hf_dir)
+
+
+def _every(step: int, every: int) -> bool:
+    return every > 0 and step % every == 0
 
 
 def _my_share(num_rollouts: int, dp: int, dp_rank: int) -> list[int]:

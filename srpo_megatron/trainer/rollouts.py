@@ -210,7 +210,7 @@ def generate_rollouts(engine, cfg: Config, tokenizer, rows, *, seed: int) -> Ste
             temperature=cfg.rollout.temperature,
             top_p=cfg.rollout.top_p,
             max_new_tokens=cfg.rollout.max_new_tokens,
-            stop_token_ids=tuple(_stop_ids(tokenizer)),
+            stop_token_ids=tuple(stop_token_ids(tokenizer)),
             seed=seed,
         )
         box[0] = engine.generate([row.prompt_ids for row in rows], params)
@@ -218,7 +218,7 @@ def generate_rollouts(engine, cfg: Config, tokenizer, rows, *, seed: int) -> Ste
     return StepRollouts(box[0], pad_id=tokenizer.pad_token_id or 0, token_budget=cfg.train.micro_batch_tokens)
 
 
-def _stop_ids(tokenizer) -> list[int]:
+def stop_token_ids(tokenizer) -> list[int]:
     ids = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")}
     return sorted(i for i in ids if isinstance(i, int) and i >= 0)
 

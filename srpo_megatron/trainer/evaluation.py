@@ -1,0 +1,71 @@
+"""Evaluation: avg@16 on the test split of each data source (ALGORITHM.md sec. 9), and the best score
+so far within the wall-clock budgets the paper reports (1h / 5h / 10h of training).
+
+avg@n of a prompt = the fraction of its n samples (temperature 0.6, top-p 0.95, thinking off) that
+the verifier scores correct; a source's avg@n is the mean over its prompts; ``eval/avg@16`` is the
+mean over sources (each source counts once, whatever its size).
+"""
+
+from collections import defaultdict
+
+import torch.distributed as dist
+
+from srpo_megatron.config import Config
+from srpo_megatron.data.rows import load_rows
+from srpo_megatron.data.templating import tokenize_and_filter
+from srpo_megatron.rewards.registry import get_reward_fn
+from srpo_megatron.rollout.engine import SamplingParams
+
+BUDGET_HOURS = (1, 5, 10)
+
+
+def load_eval_prompts(cfg: Config, tokenizer) -> list:
+    rows = [row for path in cfg.data.test_files for row in load_rows(path)]
+    prompts, _ = tokenize_and_filter(rows, tokenizer, cfg.data.max_prompt_length)
+    return prompts
+
+
+def evaluate(engine, cfg: Config, tokenizer, prompts, stop_token_ids, *, seed: int) -> dict[str, float]:
+    """Rank 0 samples and scores; every rank gets the same metrics dict."""
+    box = [None]
+    if dist.get_rank() == 0:
+        n = cfg.eval.n_samples
+        params = SamplingParams(
+            n=n,
+            temperature=cfg.eval.temperature,
+            top_p=cfg.eval.top_p,
+            max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
+            stop_token_ids=tuple(stop_token_ids),
+            seed=seed,
+        )
+        batch = engine.generate([p.prompt_ids for p in prompts], params)
+        per_source: dict[str, list[float]] = defaultdict(list)
+        for i, response in enumerate(batch.response_ids):
+            row = prompts[batch.prompt_index[i]].row
+            text = tokenizer.decode(response, skip_special_tokens=True)
+            per_source[row.data_source].append(get_reward_fn(row.data_source)(text, row.ground_truth).score)
+        key = f"avg@{n}"
+        metrics = {f"eval/{source}/{key}": sum(s) / len(s) for source, s in sorted(per_source.items())}
+        metrics[f"eval/{key}"] = sum(metrics.values()) / len(metrics)
+        box[0] = metrics
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+class BestWithinBudget:
+    """The best eval score reached within each wall-clock budget of training time."""
+
+    def __init__(self) -> None:
+        self.best: dict[int, float] = {}
+
+    def update(self, score: float, hours: float) -> dict[str, float]:
+        for budget in BUDGET_HOURS:
+            if hours <= budget:
+                self.best[budget] = max(self.best.get(budget, score), score)
+        return {f"eval/best_within_{b}h": v for b, v in sorted(self.best.items())}
+
+    def state_dict(self) -> dict:
+        return {str(k): v for k, v in self.best.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best = {int(k): v for k, v in state.items()}
