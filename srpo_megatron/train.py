@@ -44,7 +44,13 @@ def dry_run(cfg: Config, world_size: int) -> None:
     from srpo_megatron.models.qwen3.config import Qwen3Arch
 
     Qwen3Arch.from_hf(hf_config).check_layout(cfg.model.tp, cfg.model.pp)
-    init_distributed(ParallelLayout(), seed=cfg.train.seed)  # one process: the full model, on meta
+    # A world of one (even under torchrun, whose other ranks have already returned): the full model, on meta.
+    from srpo_megatron.runtime.distributed import find_free_port
+
+    os.environ.pop("TORCHELASTIC_USE_AGENT_STORE", None)  # torchrun's store expects its whole world
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+    os.environ["MASTER_PORT"] = str(find_free_port())
+    init_distributed(ParallelLayout(), seed=cfg.train.seed)
     try:
         with torch.device("meta"):
             model = build_qwen3_model(hf_config, params_dtype=torch.bfloat16, init_weights=False)

@@ -220,7 +220,15 @@ def export_hf(ckpt_dir: Path, out_dir: Path, tokenizer_dir: str | None) -> None:
     if tokenizer_dir:
         command += ["--tokenizer-dir", str(tokenizer_dir)]
     # not a rank of this world: drop the launcher's variables (torchrun / run_distributed)
-    launcher = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT")
+    launcher = (
+        "RANK",
+        "WORLD_SIZE",
+        "LOCAL_RANK",
+        "LOCAL_WORLD_SIZE",
+        "GROUP_RANK",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+    )
     env = {k: v for k, v in os.environ.items() if k not in launcher and not k.startswith("TORCHELASTIC_")}
     subprocess.run(command, check=True, env=env)
     print(f"HF export: {out_dir}")

@@ -1,0 +1,58 @@
+"""Helpers of the tiny-training tests, in a module of its own so that spawned ranks can import them.
+
+The reward is replaced by a parity rule on the response length (about half the rollouts correct),
+so every step has mixed groups and therefore SDPO-routed rollouts, even from a random model.
+"""
+
+import torch
+
+from srpo_megatron.config import load_config
+from srpo_megatron.data.rows import save_rows
+from srpo_megatron.data.synthetic import make_synthetic_rows
+from srpo_megatron.data.tokenizer import load_tokenizer
+from srpo_megatron.data.warmup import TinyQwen3Config, build_tiny_qwen3
+from srpo_megatron.rewards.result import RewardResult
+
+
+def make_tiny_inputs(root):
+    """A tiny random Qwen3 (with the real tokenizer) and a few synthetic prompts under ``root``."""
+    tokenizer = load_tokenizer()
+    shape = TinyQwen3Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, head_dim=16)
+    build_tiny_qwen3(tokenizer, seed=0, config=shape).save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    save_rows(make_synthetic_rows(16, seed=0), root / "train.parquet")
+    save_rows(make_synthetic_rows(3, seed=0, split="test"), root / "test.parquet")
+    return root
+
+
+def parity_reward(source):
+    return lambda text, ground_truth: RewardResult(float(len(text) % 2 == 0), "test: parity of the length")
+
+
+def train_in_ranks(overrides: list[str], check_export: bool = False):
+    from srpo_megatron.trainer import loop, rollouts
+    from srpo_megatron.trainer.batching import build_micro_batches
+
+    rollouts.get_reward_fn = parity_reward
+    cfg = load_config(["configs/tiny_cpu.yaml"], overrides)
+    result = loop.train(cfg)
+    # the actor's log-probs of a few sequences (collective), for the HF export check below
+    prompts, responses = [[1, 2, 3, 4], [5, 6]], [[7, 8, 9], [10, 11, 12, 13]]
+    micro_batches = build_micro_batches(prompts, responses, pad_id=0, token_budget=64)
+    stats = result.actor.score(micro_batches, teacher=False)  # None off the last pipeline stage
+    actor_logp = torch.cat([s.logp for s in stats]) if stats is not None else None
+    if torch.distributed.get_rank() != 0:
+        return None
+    from transformers import AutoModelForCausalLM
+
+    start = AutoModelForCausalLM.from_pretrained(cfg.model.hf_dir).state_dict()
+    now = result.engine.model.state_dict()  # the engine holds the trained weights (synced)
+    out = {"changed": sum(not torch.equal(start[k], now[k]) for k in start), "total": len(start)}
+    if check_export:
+        exported = AutoModelForCausalLM.from_pretrained(cfg.output_dir / "hf").eval()
+        hf_logp = []
+        for p, r in zip(prompts, responses, strict=True):
+            logits = exported(torch.tensor([p + r])).logits[0, len(p) - 1 : -1]  # positions predicting r
+            hf_logp.append(torch.log_softmax(logits.float(), -1).gather(-1, torch.tensor(r)[:, None])[:, 0])
+        out["export_gap"] = (torch.cat(hf_logp) - actor_logp).abs().max().item()
+    return out
