@@ -16,6 +16,7 @@ the gradients by the count summed over micro-batches and data-parallel ranks —
 denominator of ALGORITHM.md sec. 6, whatever the micro-batching and DP size.
 """
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -261,11 +262,18 @@ class MegatronActor:
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
         self._run(self.model, micro_batches, stats_args, loss_func, forward_only=False)
-        update_ok, grad_norm, _ = self.optimizer.step()
+        # Megatron's fp32 / bf16 optimizers step whatever the gradients hold (only fp16 loss scaling
+        # skips on overflow): a non-finite global gradient norm skips this update here, and is counted.
+        self.optimizer.prepare_grads()
+        grad_norm = self.optimizer.get_grad_norm()
+        update_ok = math.isfinite(grad_norm)
         if update_ok:
+            # schedule first: update k (from 1) runs at lr * k / warmup, not at 0 for the first one
             self.scheduler.step(increment=1)
+            update_ok, grad_norm, _ = self.optimizer.step()
         return {
             "update_ok": float(bool(update_ok)),
+            "skipped_update": float(not update_ok),
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
             "lr": self.optimizer.param_groups[0]["lr"],
             "micro_batches": per_micro_batch,  # empty on all but the last pipeline stage

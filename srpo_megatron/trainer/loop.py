@@ -254,8 +254,9 @@ def _reduce_train_metrics(per_update: list[dict]) -> dict[str, float]:
     """
     out: dict[str, float] = {}
     for key in ("grad_norm", "lr", "update_ok"):
-        values = [u[key] for u in per_update if not math.isnan(u[key])]
+        values = [u[key] for u in per_update if math.isfinite(u[key])]
         out[key] = sum(values) / len(values) if values else float("nan")
+    out["skipped_updates"] = sum(u["skipped_update"] for u in per_update)
     micro = [m for update in per_update for m in update["micro_batches"]]
     if not micro:  # not the last pipeline stage
         return out

@@ -57,3 +57,28 @@ def test_two_steps(tiny_run_inputs, tmp_path, tp, pp):
         assert r["logp_gap_max"] < 1e-4
     assert ("eval/avg@2" in records[-1]) == (tp == 2)
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_000002"]
+
+
+def test_non_finite_gradients_skip_the_update(tiny_run_inputs, tmp_path):
+    root = tiny_run_inputs
+    overrides = [
+        f"model.hf_dir={root / 'model'}",
+        f"data.train_files=[{root / 'train.parquet'}]",
+        "data.test_files=[]",
+        "train.total_steps=1",
+        "train.prompts_per_step=2",
+        "train.mini_batch_prompts=2",
+        "rollout.n=4",
+        "rollout.max_new_tokens=4",
+        "algorithm.topk=8",
+        "optim.warmup_steps=0",  # full lr at once: an update that went through would move every weight
+        "ckpt.export_hf=false",
+        f"log.output_dir={tmp_path}",
+        "log.tensorboard=false",
+    ]
+    out, _ = run_distributed(
+        train_in_ranks, world_size=2, megatron=False, args=(overrides, False, True), timeout=600
+    )
+    (record,) = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert record["skipped_updates"] == 1 and record["update_ok"] == 0.0
+    assert out["changed"] == 0  # neither the policy nor (so) the engine moved

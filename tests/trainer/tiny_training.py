@@ -29,11 +29,19 @@ def parity_reward(source):
     return lambda text, ground_truth: RewardResult(float(len(text) % 2 == 0), "test: parity of the length")
 
 
-def train_in_ranks(overrides: list[str], check_export: bool = False):
-    from srpo_megatron.trainer import loop, rollouts
+def train_in_ranks(overrides: list[str], check_export: bool = False, poison_loss: bool = False):
+    from srpo_megatron.trainer import actor, loop, rollouts
     from srpo_megatron.trainer.batching import build_micro_batches
 
     rollouts.get_reward_fn = parity_reward
+    if poison_loss:  # every loss becomes NaN, and so every gradient
+        compute = actor.compute_srpo_loss
+
+        def nan_loss(*args, **kwargs):
+            loss, metrics = compute(*args, **kwargs)
+            return loss * float("nan"), metrics
+
+        actor.compute_srpo_loss = nan_loss
     cfg = load_config(["configs/tiny_cpu.yaml"], overrides)
     result = loop.train(cfg)
     # the actor's log-probs of a few sequences (collective), for the HF export check below
