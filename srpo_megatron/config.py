@@ -36,7 +36,8 @@ class ModelConfig:
     make_vocab_size_divisible_by: int = 128
     """Megatron pads the vocabulary to a multiple of this times TP; padded entries carry no probability."""
     teacher_offload: bool = False
-    """Park the EMA teacher's weights in host memory between uses (GPU only)."""
+    """Park the EMA teacher's weights in host memory between uses (GPU only). Not implemented yet:
+    must be false (the teacher stays on the device)."""
 
 
 @dataclass
@@ -53,20 +54,22 @@ class DataConfig:
 @dataclass
 class RolloutConfig:
     engine: Literal["hf", "sglang"] = "hf"
+    """The trainer drives the HF engine today; sglang is refused at start until it is wired (issue 8)."""
     n: int = 8
     """Rollouts per prompt (the group size G)."""
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 8192
     mode: Literal["colocated", "disaggregated"] = "colocated"
-    """SGLang: engines on the training GPUs, or on GPUs of their own."""
+    """SGLang (not wired into the trainer yet): engines on the training GPUs, or on GPUs of their own."""
     num_engines: int = 1
     engine_tp: int = 1
     mem_fraction: float = 0.6
     bucket_mb: int = 512
     """Weight-sync bucket size."""
     verify_sync: bool = False
-    """After each sync, compare checksums of the engine's weights with the trainer's."""
+    """After each sync, compare checksums of every tensor the engine holds with what it was sent
+    (a hash over every byte: slow, for debugging a sync)."""
 
 
 @dataclass
@@ -128,7 +131,6 @@ class LogConfig:
     """Defaults to outputs/<run_name>/."""
     tensorboard: bool = True
     wandb_project: str | None = None
-    print_every: int = 1
 
 
 @dataclass
@@ -178,6 +180,7 @@ def validate_config(cfg: Config) -> None:
     """Value and combination checks that need no process group."""
     _check(cfg.model.hf_dir not in ("", "???"), "model.hf_dir", "is required")
     _check(cfg.model.tp >= 1 and cfg.model.pp >= 1, "model.tp/pp", "must be >= 1")
+    _check(not cfg.model.teacher_offload, "model.teacher_offload", "is not implemented yet; set it to false")
     _check(bool(cfg.data.train_files), "data.train_files", "needs at least one file")
     _check(cfg.data.max_prompt_length > 0, "data.max_prompt_length", "must be > 0")
     r = cfg.rollout

@@ -11,7 +11,6 @@ pipeline schedule sends fixed-shape activations between stages); the last one is
 rows that carry no target and no loss.
 """
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -104,9 +103,3 @@ def _pack(items, prefixes, responses, mbs, seq_len, resp_t, pad_id) -> MicroBatc
         response_mask=response_mask,
         index=index,
     )
-
-
-def split_evenly(n: int, parts: int) -> list[range]:
-    """Contiguous ranges of ``range(n)``, one per part, sizes differing by at most one."""
-    size = math.ceil(n / parts) if parts else 0
-    return [range(min(k * size, n), min((k + 1) * size, n)) for k in range(parts)]

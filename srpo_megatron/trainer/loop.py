@@ -68,7 +68,10 @@ class Run:
 def train(cfg: Config) -> RunResult:
     run = _setup(cfg)
     start = _resume_if_any(run)
-    sync_weights(run.actor, run.engine, run.hf_config, cfg.rollout.bucket_mb * 2**20)  # engine = actor
+    bucket_bytes = cfg.rollout.bucket_mb * 2**20
+    sync_weights(
+        run.actor, run.engine, run.hf_config, bucket_bytes, cfg.rollout.verify_sync
+    )  # engine = actor
     metrics, rewards = {}, []
     for step in range(start + 1, cfg.train.total_steps + 1):
         metrics = train_step(run, step)
@@ -131,7 +134,9 @@ def train_step(run: Run, step: int) -> dict[str, float]:
         if any(m["update_ok"] for m in train_metrics):
             actor.update_teacher(cfg.algorithm.ema_decay)
         with timer("sync"):
-            sync_metrics = sync_weights(actor, run.engine, run.hf_config, cfg.rollout.bucket_mb * 2**20)
+            sync_metrics = sync_weights(
+                actor, run.engine, run.hf_config, cfg.rollout.bucket_mb * 2**20, cfg.rollout.verify_sync
+            )
 
     metrics = ro.metrics(routing, old, teacher) | _reduce_train_metrics(train_metrics) | sync_metrics
     return _from_last_stage(metrics) | timer.seconds

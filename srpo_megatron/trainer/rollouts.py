@@ -104,11 +104,8 @@ class StepRollouts:
     def train_inputs(self, mb: MicroBatch, ids, routing, advantages, old, teacher) -> TrainInputs:
         """Everything the SRPO loss needs for micro-batch ``mb`` of rollouts ``ids``, in [B, T] layout."""
         rollout_of = [ids[int(r)] if r >= 0 else None for r in mb.index]
-        k = (
-            next(iter(old.values()))["topk_ids"].shape[-1]
-            if old and next(iter(old.values()))["topk_ids"] is not None
-            else 0
-        )
+        any_old = next(iter(old.values()))
+        k = 0 if any_old["topk_ids"] is None else any_old["topk_ids"].shape[-1]  # top-K size, 0: unused
 
         def rows(get, shape_tail=(), dtype=torch.float32):
             out = torch.zeros((*mb.response_mask.shape, *shape_tail), dtype=dtype)
@@ -223,7 +220,9 @@ def stop_token_ids(tokenizer) -> list[int]:
     return sorted(i for i in ids if isinstance(i, int) and i >= 0)
 
 
-def sync_weights(actor: MegatronActor, engine, hf_config: dict, bucket_bytes: int) -> dict[str, float]:
+def sync_weights(
+    actor: MegatronActor, engine, hf_config: dict, bucket_bytes: int, verify: bool = False
+) -> dict[str, float]:
     """Megatron shards -> HF-named full tensors in buckets -> the in-process engine on global rank 0.
 
     The exporter yields each pipeline stage's tensors on that stage's source rank (TP 0, DP 0).
@@ -242,11 +241,15 @@ def sync_weights(actor: MegatronActor, engine, hf_config: dict, bucket_bytes: in
         unflatten_bucket,
     )
     from srpo_megatron.rollout.weight_sync.tensor import sync_weights_in_process
+    from srpo_megatron.rollout.weight_sync.verify import compare_checksums, record_checksums, weight_checksums
 
     stream = export_hf_tensors(actor.student, hf_config)  # collective over TP: every rank iterates
     rank = dist.get_rank()
     stage_sources = dist.get_process_group_ranks(parallel_state.get_pipeline_model_parallel_group())
     if rank == 0:
+        sent: dict = {}
+        if verify:
+            stream = record_checksums(stream, sent)
         stats = sync_weights_in_process(stream, [engine], bucket_bytes=bucket_bytes)
         for src in stage_sources[1:]:
             while True:
@@ -256,7 +259,16 @@ def sync_weights(actor: MegatronActor, engine, hf_config: dict, bucket_bytes: in
                     break
                 flat = allocate_bucket(box[0])
                 dist.recv(flat, src=src)
-                engine.update_weights(unflatten_bucket(flat, box[0]))
+                bucket = unflatten_bucket(flat, box[0])
+                if verify:
+                    sent |= weight_checksums(bucket)
+                engine.update_weights(bucket)
+        if verify:
+            wrong = compare_checksums(sent, weight_checksums(engine.named_weights()))
+            if wrong:
+                raise RuntimeError(
+                    f"weight sync verify: the engine does not hold what it was sent: {wrong[:5]}"
+                )
         return {"sync/bytes": float(stats.num_bytes)}
     is_source = (
         parallel_state.get_tensor_model_parallel_rank() == 0 and parallel_state.get_data_parallel_rank() == 0

@@ -19,6 +19,8 @@ def test_two_steps(tiny_run_inputs, tmp_path, tp, pp):
         f"data.train_files=[{root / 'train.parquet'}]",
         f"data.test_files=[{root / 'test.parquet'}]" if tp == 2 else "data.test_files=[]",
         "eval.n_samples=2",
+        "rollout.verify_sync=true",  # checksums of every tensor the engine holds after each sync
+        "rollout.bucket_mb=1",  # several buckets, and at PP=2 buckets sent from stage 1
         f"ckpt.export_hf={tp == 2}",
         "train.total_steps=2",
         "train.prompts_per_step=4",
