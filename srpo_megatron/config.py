@@ -65,6 +65,8 @@ class RolloutConfig:
     num_engines: int = 1
     engine_tp: int = 1
     mem_fraction: float = 0.6
+    hf_batch_size: int = 256
+    """HF engine: samples decoded together (bounds its [batch, vocab] logits memory)."""
     bucket_mb: int = 512
     """Weight-sync bucket size."""
     verify_sync: bool = False
@@ -122,6 +124,8 @@ class EvalConfig:
     top_p: float = 0.95
     max_new_tokens: int | None = None
     """Defaults to rollout.max_new_tokens."""
+    max_prompts: int = 0
+    """Evaluate on the first N test prompts of each file (0 = all)."""
 
 
 @dataclass
@@ -189,6 +193,8 @@ def validate_config(cfg: Config) -> None:
     _check(0 < r.top_p <= 1, "rollout.top_p", f"must be in (0, 1], got {r.top_p}")
     _check(r.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1")
     _check(r.bucket_mb >= 1, "rollout.bucket_mb", "must be >= 1")
+    _check(r.hf_batch_size >= 1, "rollout.hf_batch_size", "must be >= 1")
+    _check(cfg.eval.max_prompts >= 0, "eval.max_prompts", "must be >= 0 (0 = all)")
     t = cfg.train
     _check(t.total_steps >= 1, "train.total_steps", "must be >= 1")
     _check(t.prompts_per_step >= 1, "train.prompts_per_step", "must be >= 1")

@@ -20,7 +20,8 @@ BUDGET_HOURS = (1, 5, 10)
 
 
 def load_eval_prompts(cfg: Config, tokenizer) -> list:
-    rows = [row for path in cfg.data.test_files for row in load_rows(path)]
+    limit = cfg.eval.max_prompts or None
+    rows = [row for path in cfg.data.test_files for row in load_rows(path)[:limit]]
     prompts, _ = tokenize_and_filter(rows, tokenizer, cfg.data.max_prompt_length)
     return prompts
 

@@ -195,7 +195,7 @@ def make_engine(cfg: Config, tokenizer):
 
     dtype = torch.float32 if cfg.model.dtype == "float32" else torch.bfloat16
     model = AutoModelForCausalLM.from_pretrained(cfg.model.hf_dir, dtype=dtype)
-    return HFEngine(model, pad_token_id=tokenizer.pad_token_id or 0)
+    return HFEngine(model, pad_token_id=tokenizer.pad_token_id or 0, max_batch_size=cfg.rollout.hf_batch_size)
 
 
 def generate_rollouts(engine, cfg: Config, tokenizer, rows, *, seed: int) -> StepRollouts:
