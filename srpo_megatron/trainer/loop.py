@@ -6,7 +6,7 @@
 
 Every rank runs this loop. Rollouts are generated once (by the engine's owner rank) and broadcast,
 so rewards, routing and advantages are the same numbers on every rank; each data-parallel rank
-then trains on its own contiguous share of every mini-batch.
+then scores and trains its own contiguous share of the step's rollouts (whole prompt groups).
 """
 
 import math
@@ -68,10 +68,9 @@ class Run:
 def train(cfg: Config) -> RunResult:
     run = _setup(cfg)
     start = _resume_if_any(run)
-    bucket_bytes = cfg.rollout.bucket_mb * 2**20
-    sync_weights(
-        run.actor, run.engine, run.hf_config, bucket_bytes, cfg.rollout.verify_sync
-    )  # engine = actor
+    # The engine starts from the actor's weights: the same HF weights on a fresh start, the
+    # checkpoint's on a resume.
+    sync_weights(run.actor, run.engine, run.hf_config, cfg.rollout.bucket_mb * 2**20, cfg.rollout.verify_sync)
     metrics, rewards = {}, []
     for step in range(start + 1, cfg.train.total_steps + 1):
         metrics = train_step(run, step)
