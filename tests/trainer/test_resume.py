@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from tiny_training import train_in_ranks
 
 from srpo_megatron.runtime.launch import run_distributed
@@ -103,3 +104,14 @@ def test_sigkill_during_a_save_keeps_the_previous_checkpoint(tiny_run_inputs, tm
     run_distributed(train_in_ranks, world_size=2, megatron=False, args=(_overrides(root, out),), timeout=600)
     assert sorted(p.name for p in ckpts.iterdir()) == ["step_000002", "step_000004"]
     assert sorted(_records(out)) == [1, 2, 3, 4]
+
+
+def test_resume_in_another_layout_is_refused_with_a_clear_message(tiny_run_inputs, tmp_path):
+    out = tmp_path / "run"
+    first = [
+        o.replace("train.total_steps=4", "train.total_steps=1") for o in _overrides(tiny_run_inputs, out)
+    ]
+    run_distributed(train_in_ranks, world_size=2, megatron=False, args=(first,), timeout=600)  # TP=2
+    other_layout = [*_overrides(tiny_run_inputs, out), "model.tp=1", "model.pp=2"]
+    with pytest.raises(ChildProcessError, match="resuming training state across layouts is not supported"):
+        run_distributed(train_in_ranks, world_size=2, megatron=False, args=(other_layout,), timeout=600)
