@@ -179,6 +179,11 @@ def _resume_if_any(run: Run) -> int:
     truncate_metrics(run.cfg, step)
     if dist.get_rank() == 0:
         print(f"resumed from {path} (step {step})")
+        if step >= run.cfg.train.total_steps:
+            print(
+                f"the run is already complete (train.total_steps={run.cfg.train.total_steps}); to start "
+                "over use ckpt.resume=none or another log.run_name, to go on raise train.total_steps"
+            )
     return step
 
 
