@@ -14,6 +14,7 @@ from srpo_megatron.config import Config
 from srpo_megatron.data.teacher_prompt import build_teacher_input_ids
 from srpo_megatron.rewards.registry import get_reward_fn
 from srpo_megatron.rollout.engine import RolloutBatch, SamplingParams
+from srpo_megatron.rollout.metrics import LogpGap, logp_gap
 from srpo_megatron.trainer.actor import MegatronActor, TrainInputs
 from srpo_megatron.trainer.batching import MicroBatch, build_micro_batches
 
@@ -153,10 +154,11 @@ class StepRollouts:
             out["teacher_entropy_mean"] = entropy.mean().item()
         else:
             out["teacher_entropy_mean"] = 0.0
-        if old:
-            gap = torch.cat([(old[i]["logp"] - self.batch.rollout_logp[i]).abs() for i in old])
-            out["logp_gap_mean"] = gap.mean().item() if gap.numel() else 0.0
-            out["logp_gap_max"] = gap.max().item() if gap.numel() else 0.0
+        if old is not None:  # last pipeline stage: this rank's share, reduced over data parallel
+            train_logp = torch.cat([old[i]["logp"] for i in old])
+            rollout_logp = torch.cat([self.batch.rollout_logp[i] for i in old])
+            gap = logp_gap(train_logp, rollout_logp, torch.ones_like(train_logp))
+            out |= _reduce_gap_over_data_parallel(gap).as_metrics(prefix="logp_gap")
         return out
 
 
@@ -166,6 +168,17 @@ def _sum_over_data_parallel(value: int) -> int:
     total = torch.tensor([value], dtype=torch.long)
     dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
     return int(total)
+
+
+def _reduce_gap_over_data_parallel(gap: LogpGap) -> LogpGap:
+    from megatron.core import parallel_state
+
+    group = parallel_state.get_data_parallel_group()
+    sums = torch.tensor([gap.abs_sum, float(gap.num_tokens)], dtype=torch.float64)
+    peak = torch.tensor([gap.max_abs], dtype=torch.float64)
+    dist.all_reduce(sums, group=group)
+    dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=group)
+    return LogpGap(abs_sum=float(sums[0]), max_abs=float(peak[0]), num_tokens=int(sums[1]))
 
 
 def _per_row(mb: MicroBatch, *flat: torch.Tensor | None):
