@@ -36,8 +36,8 @@ class ModelConfig:
     make_vocab_size_divisible_by: int = 128
     """Megatron pads the vocabulary to a multiple of this times TP; padded entries carry no probability."""
     teacher_offload: bool = False
-    """Park the EMA teacher's weights in host memory between uses (GPU only). Not implemented yet:
-    must be false (the teacher stays on the device)."""
+    """Park the EMA teacher's weights in host memory between uses (its forward and its EMA update):
+    the device holds one copy of the model fewer while the actor trains and the engines generate."""
 
 
 @dataclass
@@ -54,17 +54,38 @@ class DataConfig:
 @dataclass
 class RolloutConfig:
     engine: Literal["hf", "sglang"] = "hf"
-    """The trainer drives the HF engine today; sglang is refused at start until it is wired (issue 8)."""
+    """``hf``: the HF engine in the process of global rank 0 (CPU / debugging); ``sglang``: SGLang
+    servers (GPU), launched by global rank 0 or reached at ``engine_urls``."""
     n: int = 8
     """Rollouts per prompt (the group size G)."""
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 8192
     mode: Literal["colocated", "disaggregated"] = "colocated"
-    """SGLang (not wired into the trainer yet): engines on the training GPUs, or on GPUs of their own."""
+    """SGLang: engines on the training GPUs (memory released while the actor trains, weights by CUDA
+    IPC), or on GPUs of their own (weights by NCCL broadcast)."""
     num_engines: int = 1
+    """SGLang replicas; prompts are split evenly over them."""
     engine_tp: int = 1
+    """GPUs per SGLang replica. Launched colocated: replica i takes GPUs [i*tp, (i+1)*tp) of global
+    rank 0's node; disaggregated: the GPUs after the training processes' on that node."""
     mem_fraction: float = 0.6
+    """SGLang ``--mem-fraction-static``: its share of each GPU (weights + KV cache)."""
+    engine_urls: list[str] = field(default_factory=list)
+    """SGLang servers already running (e.g. ``http://node3:30000``), one per replica, instead of
+    launching them: the way to put engines on other nodes. Launch them with ``--skip-tokenizer-init``
+    (and ``--enable-memory-saver`` when colocated)."""
+    server_args: list[str] = field(default_factory=list)
+    """Further ``sglang.launch_server`` flags for launched engines, e.g. ``[--disable-cuda-graph]``."""
+    server_module: str = "sglang.launch_server"
+    """What launched engines run (``python -m <module>``); tests use a CPU stand-in."""
+    startup_timeout_s: float = 900.0
+    """Launched engines must answer /health within this."""
+    call_timeout_s: float = 3600.0
+    """Deadline of one engine call (a whole step's generation on one replica, a weight bucket)."""
+    sync_master_addr: str | None = None
+    """Disaggregated: the address at which the engines reach global rank 0 for the weight-update
+    group; defaults to MASTER_ADDR, else 127.0.0.1."""
     hf_batch_size: int = 256
     """HF engine: samples decoded together (bounds its [batch, vocab] logits memory)."""
     bucket_mb: int = 512
@@ -184,7 +205,6 @@ def validate_config(cfg: Config) -> None:
     """Value and combination checks that need no process group."""
     _check(cfg.model.hf_dir not in ("", "???"), "model.hf_dir", "is required")
     _check(cfg.model.tp >= 1 and cfg.model.pp >= 1, "model.tp/pp", "must be >= 1")
-    _check(not cfg.model.teacher_offload, "model.teacher_offload", "is not implemented yet; set it to false")
     _check(bool(cfg.data.train_files), "data.train_files", "needs at least one file")
     _check(cfg.data.max_prompt_length > 0, "data.max_prompt_length", "must be > 0")
     r = cfg.rollout
@@ -194,6 +214,20 @@ def validate_config(cfg: Config) -> None:
     _check(r.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1")
     _check(r.bucket_mb >= 1, "rollout.bucket_mb", "must be >= 1")
     _check(r.hf_batch_size >= 1, "rollout.hf_batch_size", "must be >= 1")
+    if r.engine == "sglang":
+        _check(r.num_engines >= 1 and r.engine_tp >= 1, "rollout.num_engines/engine_tp", "must be >= 1")
+        _check(0 < r.mem_fraction < 1, "rollout.mem_fraction", f"must be in (0, 1), got {r.mem_fraction}")
+        _check(
+            not r.engine_urls or len(r.engine_urls) == r.num_engines,
+            "rollout.engine_urls",
+            f"gives {len(r.engine_urls)} servers for rollout.num_engines={r.num_engines}",
+        )
+        _check(
+            not r.verify_sync,
+            "rollout.verify_sync",
+            "reads the engine's tensors in process: HF engine only (rollout.engine=hf)",
+        )
+        _check(r.startup_timeout_s > 0 and r.call_timeout_s > 0, "rollout.*_timeout_s", "must be > 0")
     _check(cfg.eval.max_prompts >= 0, "eval.max_prompts", "must be >= 0 (0 = all)")
     t = cfg.train
     _check(t.total_steps >= 1, "train.total_steps", "must be >= 1")
@@ -230,8 +264,10 @@ def validate_config(cfg: Config) -> None:
         raise ValueError(f"config: rollout.n: {cfg.algorithm.variant} needs siblings, so n >= 2 (got {r.n})")
 
 
-def validate_layout(cfg: Config, world_size: int) -> int:
-    """The data-parallel size for this world; a clear error if TP x PP does not fit it."""
+def validate_layout(cfg: Config, world_size: int, local_world_size: int | None = None) -> int:
+    """The data-parallel size for this world; a clear error if TP x PP does not fit it, or the
+    engines the trainer would launch do not fit global rank 0's node (local_world_size: processes
+    on that node, default the whole world)."""
     model_parallel = cfg.model.tp * cfg.model.pp
     if world_size % model_parallel:
         raise ValueError(
@@ -244,6 +280,21 @@ def validate_layout(cfg: Config, world_size: int) -> int:
             f"config: train.mini_batch_prompts ({cfg.train.mini_batch_prompts}) must be divisible by "
             f"the data-parallel size {dp} (world {world_size} / tp*pp {model_parallel})"
         )
+    r = cfg.rollout
+    local = local_world_size or world_size
+    if r.engine == "sglang" and not r.engine_urls:
+        gpus = r.num_engines * r.engine_tp
+        if r.mode == "colocated" and gpus > local:
+            raise ValueError(
+                f"config: rollout.num_engines x engine_tp = {gpus} GPUs, but colocated engines are "
+                f"launched on the {local} training GPUs of global rank 0's node; start servers on "
+                "other nodes yourself and pass rollout.engine_urls"
+            )
+        if r.mode == "disaggregated" and local != world_size:
+            raise ValueError(
+                "config: disaggregated engines are launched on global rank 0's node, after its training "
+                "GPUs; with several nodes start the servers yourself and pass rollout.engine_urls"
+            )
     return dp
 
 

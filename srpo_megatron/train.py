@@ -39,7 +39,8 @@ def dry_run(cfg: Config, world_size: int) -> None:
     from srpo_megatron.models.qwen3.provider import build_qwen3_model
     from srpo_megatron.runtime.distributed import ParallelLayout, destroy_distributed, init_distributed
 
-    dp = validate_layout(cfg, world_size)
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    dp = validate_layout(cfg, world_size, local_world_size)
     hf_config = load_hf_config(cfg.model.hf_dir)
     from srpo_megatron.models.qwen3.config import Qwen3Arch
 
@@ -67,10 +68,24 @@ def dry_run(cfg: Config, world_size: int) -> None:
         f"step: {cfg.train.prompts_per_step} prompts x {cfg.rollout.n} rollouts = "
         f"{cfg.train.prompts_per_step * cfg.rollout.n} rollouts, {updates} optimizer step(s) of "
         f"{cfg.train.mini_batch_prompts} prompts, {cfg.train.total_steps} steps\n"
-        f"algorithm: {cfg.algorithm.variant}; rollouts: {cfg.rollout.engine} ({cfg.rollout.mode}); "
+        f"algorithm: {cfg.algorithm.variant}; rollouts: {_engine_plan(cfg, local_world_size)}\n"
         f"output: {cfg.output_dir}\n"
         "dry run OK"
     )
+
+
+def _engine_plan(cfg: Config, local_world_size: int) -> str:
+    r = cfg.rollout
+    if r.engine == "hf":
+        return "the HF engine on global rank 0 (CPU / debugging)"
+    engines = f"{r.num_engines} SGLang engine(s) x TP {r.engine_tp}"
+    weights = "weights by CUDA IPC" if r.mode == "colocated" else "weights by NCCL broadcast"
+    if r.engine_urls:
+        return f"{engines} at {', '.join(r.engine_urls)} ({r.mode}), {weights}"
+    first = 0 if r.mode == "colocated" else local_world_size
+    where = f"GPUs {first}-{first + r.num_engines * r.engine_tp - 1} of rank 0's node"
+    memory = ", memory released while the actor trains" if r.mode == "colocated" else ""
+    return f"{engines}, launched {r.mode} on {where}{memory}, {weights}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,25 +1,28 @@
 """SGLang rollout engine: a thin adapter over ``sglang.Engine`` (in-process) or a launched server.
 
-Written against sglang's own source, sgl-project/sglang as stored in the code index (the full
-repository, 1.2 GB, could not be fetched to check out the pinned 0.5.23 tag itself; the stored
-files are of the 0.5 line, newer than 0.5.3): ``python/sglang/srt/entrypoints/engine.py`` class
-``Engine`` (commit 001067ff), ``model_executor/model_runner.py`` and its newer split-out weight
-updater (the receive side), ``weight_sync/tensor_bucket.py`` (the flat multi-dtype layout). Re-read
-these at the installed version when sglang is upgraded. What we use:
+Checked against the pinned release itself, the sglang 0.5.23 wheel: ``srt/entrypoints/engine.py``
+class ``Engine``, ``srt/entrypoints/http_server.py`` (the routes, their bodies and status codes),
+``srt/managers/io_struct.py`` (the request fields), ``srt/model_executor/model_runner_components/
+weight_updater.py`` (the receive side) and ``srt/utils/common.py`` ``MultiprocessingSerializer``.
+Re-read these when sglang is upgraded. What we use:
 
 - ``generate(input_ids=[[...]], sampling_params=[{...}], return_logprob=True)`` -> one dict per
   input with ``output_ids`` and ``meta_info`` (``output_token_logprobs``: ``(logprob, token_id,
   text)`` per generated token, temperature applied unless ``SGLANG_RETURN_ORIGINAL_LOGPROB`` is
-  set; ``finish_reason``: ``{"type": "stop" | "length", ...}``);
+  set; ``finish_reason``: ``{"type": "stop" | "length", ...}``). No ``sampling_seed``: the default
+  flashinfer sampling backend asserts that none is given;
 - ``init_weights_update_group(master_address, master_port, rank_offset, world_size, group_name,
   backend)`` and ``update_weights_from_distributed(names, dtypes, shapes, group_name, flush_cache,
   load_format)`` (disaggregated; protocol in ``weight_sync/broadcast.py``);
 - ``update_weights_from_tensor(named_tensors, load_format, flush_cache)`` (colocated; CUDA IPC
-  handles of the trainer's tensors, serialised once per engine TP rank);
+  handles of the trainer's tensors, serialised once per engine TP rank, as the engine itself does:
+  each rank then drops its own handle);
 - ``release_memory_occupation(tags)`` / ``resume_memory_occupation(tags)`` (colocated; needs
-  ``enable_memory_saver=True`` at launch), ``pause_generation`` / ``continue_generation``,
-  ``flush_cache``, ``shutdown``.
-Each returns ``(success, message)`` (in-process) or JSON ``{"success", "message"}`` (HTTP).
+  ``enable_memory_saver=True`` at launch; no tags = every kind, ``MEMORY_TAGS``),
+  ``pause_generation`` / ``continue_generation``, ``flush_cache``, ``shutdown``.
+Each returns ``(success, message)`` (in-process) or, over HTTP, JSON ``{"success", "message"}``
+with status 200 or 400 (a refusal is a 400 whose body still says why); ``flush_cache`` answers
+plain text, the memory routes ``null``.
 
 Every call goes through one worker thread with a deadline: a dead or stuck engine becomes an
 ``EngineError`` naming the engine and the call, not a hang; a refused update becomes a
@@ -28,21 +31,40 @@ so this module (and its CPU tests against a fake client) needs no GPU.
 """
 
 import asyncio
+import base64
+import io
 import json
+import urllib.error
 import urllib.request
 from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
+from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
 import torch
+import torch.multiprocessing  # noqa: F401  (registers torch's tensor reductions with ForkingPickler)
 
 from srpo_megatron.rollout.engine import FinishReason, RolloutBatch, SamplingParams
 from srpo_megatron.rollout.weight_sync.broadcast import WeightSyncError, as_result
 
+# sglang.srt.constants (0.5.23): what release/resume_memory_occupation take as tags
+WEIGHTS_TAG = "weights"
+MEMORY_TAGS = ("weights", "kv_cache", "cuda_graph")
+
 
 class EngineError(RuntimeError):
     """An SGLang engine died, timed out or answered a call with an error."""
+
+
+def serialize_tensors(named_tensors: list[tuple[str, torch.Tensor]]) -> str:
+    """``[(name, tensor)]`` as the base64 text the HTTP ``update_weights_from_tensor`` route takes:
+    the bytes of SGLang's ``MultiprocessingSerializer.serialize`` (torch's ForkingPickler, under
+    which a CUDA tensor travels as an IPC handle and a CPU tensor as shared memory, never its
+    data). The tensors must stay alive until the engine has answered."""
+    buffer = io.BytesIO()
+    ForkingPickler(buffer).dump(named_tensors)
+    return base64.b64encode(buffer.getvalue()).decode()
 
 
 def import_sglang():
@@ -68,8 +90,6 @@ def sampling_params_dict(params: SamplingParams) -> dict[str, Any]:
         "skip_special_tokens": False,
         "no_stop_trim": True,  # keep the stop token in output_ids: it is a sampled, trained token
     }
-    if params.seed is not None:
-        out["sampling_seed"] = params.seed
     return out
 
 
@@ -102,9 +122,21 @@ class SGLangHTTPClient:
             headers={"Content-Type": "application/json"},
             method="POST",
         )
-        with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
-            body = response.read()
-        return json.loads(body) if body else None
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+                return _parse_body(response.read(), ok=True)
+        except urllib.error.HTTPError as e:  # a 400 carries the engine's reason in its body
+            answer = _parse_body(e.read(), ok=False)
+            if isinstance(answer, dict) and "success" in answer:
+                return answer
+            raise EngineError(f"{self.url}/{route}: HTTP {e.code}: {answer}") from None
+
+    def health(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.url}/health", timeout=10) as response:
+                return response.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
 
     def generate(self, **kwargs):
         return self._post("generate", kwargs)
@@ -116,12 +148,10 @@ class SGLangHTTPClient:
         return self._post("update_weights_from_distributed", kwargs)
 
     def update_weights_from_tensor(self, named_tensors, load_format=None, flush_cache=True):
-        sglang_utils = import_sglang().srt.utils
-        payload = sglang_utils.MultiprocessingSerializer.serialize(named_tensors, output_str=True)
         return self._post(
             "update_weights_from_tensor",
             {
-                "serialized_named_tensors": [payload] * self.tp_size,
+                "serialized_named_tensors": [serialize_tensors(named_tensors) for _ in range(self.tp_size)],
                 "load_format": load_format,
                 "flush_cache": flush_cache,
             },
@@ -147,6 +177,15 @@ class SGLangHTTPClient:
 
     def shutdown(self):
         pass  # the server's owner stops it
+
+
+def _parse_body(body: bytes, ok: bool) -> Any:
+    """JSON when it is JSON (``null`` -> None); a plain-text answer (``flush_cache``) as a result."""
+    text = body.decode(errors="replace")
+    try:
+        return json.loads(text) if text else None
+    except json.JSONDecodeError:
+        return {"success": ok, "message": text.strip()}
 
 
 class SGLangEngine:
@@ -215,10 +254,10 @@ class SGLangEngine:
         except Exception as e:
             raise EngineError(f"engine {self.name!r}: {method} failed: {e!r}") from e
 
-    def _checked(self, method: str, **kwargs: Any) -> None:
+    def _checked(self, method: str, error: type[Exception] = EngineError, **kwargs: Any) -> None:
         ok, message = as_result(self.call(method, **kwargs))
         if not ok:
-            raise WeightSyncError(f"engine {self.name!r} refused {method}: {message}")
+            raise error(f"engine {self.name!r} refused {method}: {message}")
 
     # -- RolloutEngine -------------------------------------------------------------------------
     def generate(self, prompt_ids: Sequence[Sequence[int]], params: SamplingParams) -> RolloutBatch:
@@ -228,7 +267,9 @@ class SGLangEngine:
         outputs = self.call(
             "generate", input_ids=inputs, sampling_params=[sampling] * len(inputs), return_logprob=True
         )
-        if isinstance(outputs, dict):
+        if isinstance(outputs, dict):  # one request, or an error ({"error": ...} / {"success": false, ...})
+            if "meta_info" not in outputs:
+                raise EngineError(f"engine {self.name!r}: generate failed: {outputs}")
             outputs = [outputs]
         if len(outputs) != len(inputs):
             raise EngineError(
@@ -248,19 +289,21 @@ class SGLangEngine:
         flushed once at the end of a sync (``flush_cache``), not per bucket."""
         self._checked(
             "update_weights_from_tensor",
+            WeightSyncError,
             named_tensors=list(named_tensors),
             load_format=None,
             flush_cache=False,
         )
 
     def flush_cache(self) -> None:
-        self.call("flush_cache")
+        self._checked("flush_cache")
 
-    def release_memory(self) -> None:
-        self.call("release_memory_occupation", tags=None)
+    def release_memory(self, tags: list[str] | None = None) -> None:
+        """Free the engine's GPU memory (``None``: weights, KV cache and CUDA graphs)."""
+        self._checked("release_memory_occupation", tags=tags)
 
     def resume_memory(self, tags: list[str] | None = None) -> None:
-        self.call("resume_memory_occupation", tags=tags)
+        self._checked("resume_memory_occupation", tags=tags)
 
     def pause_generation(self) -> None:
         self.call("pause_generation")

@@ -105,3 +105,19 @@ def destroy_distributed() -> None:
         pass
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+_LAUNCHER_VARIABLES = (
+    "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
+    "MASTER_ADDR", "MASTER_PORT",
+)  # fmt: skip
+
+
+def child_process_env() -> dict[str, str]:
+    """This process's environment without the launcher's variables (torchrun, run_distributed), for a
+    child that is not a rank of this world (a converter, an SGLang server with groups of its own)."""
+    return {
+        k: v
+        for k, v in os.environ.items()
+        if k not in _LAUNCHER_VARIABLES and not k.startswith(("TORCHELASTIC_", "GROUP_WORLD", "ROLE_WORLD"))
+    }

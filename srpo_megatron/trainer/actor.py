@@ -18,6 +18,7 @@ denominator of ALGORITHM.md sec. 6, whatever the micro-batching and DP size.
 
 import math
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
 
@@ -29,6 +30,7 @@ from srpo_megatron.models.qwen3.loader import load_hf_weights
 from srpo_megatron.models.qwen3.provider import build_qwen3_model
 from srpo_megatron.ops.token_stats import TokenStats, vocab_parallel_token_stats
 from srpo_megatron.trainer.batching import MicroBatch
+from srpo_megatron.trainer.offload import HostParking
 
 
 @dataclass
@@ -77,6 +79,7 @@ class MegatronActor:
         self.teacher = build()
         self.teacher.load_state_dict(student.state_dict())
         self.teacher.requires_grad_(False)
+        self.teacher_parking = HostParking(self.teacher) if cfg.model.teacher_offload else None
         self.true_vocab_size = student.hf_vocab_size
 
         on_gpu = torch.cuda.is_available()
@@ -121,6 +124,10 @@ class MegatronActor:
     @property
     def student(self) -> torch.nn.Module:
         return self.model.module
+
+    def teacher_on_device(self):
+        """Context in which the teacher's parameters are on the device (a no-op unless offloaded)."""
+        return self.teacher_parking.on_device() if self.teacher_parking else nullcontext()
 
     # ---- the passes ---------------------------------------------------------------------------
 
@@ -209,7 +216,8 @@ class MegatronActor:
 
         model = self.teacher if teacher else self.model
         model.eval()
-        self._run(model, micro_batches, stats_args, collect, forward_only=True)
+        with self.teacher_on_device() if teacher else nullcontext():
+            self._run(model, micro_batches, stats_args, collect, forward_only=True)
         return results if parallel_state.is_pipeline_last_stage(ignore_virtual=True) else None
 
     def train(
@@ -283,5 +291,6 @@ class MegatronActor:
     def update_teacher(self, rate: float) -> None:
         """EMA: theta_T <- (1 - rate) * theta_T + rate * theta_S (ALGORITHM.md sec. 4; 0.95 stays on the teacher)."""
         student = dict(self.student.named_parameters())
-        for name, t in self.teacher.named_parameters():
-            t.lerp_(student[name].to(t.dtype), rate)
+        with self.teacher_on_device():
+            for name, t in self.teacher.named_parameters():
+                t.lerp_(student[name].to(t.dtype), rate)

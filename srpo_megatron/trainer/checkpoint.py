@@ -32,6 +32,7 @@ import torch.distributed as dist
 
 from srpo_megatron.config import Config, to_dict
 from srpo_megatron.models.qwen3.checkpoint import MODEL_DIR, write_meta
+from srpo_megatron.runtime.distributed import child_process_env
 
 _STEP_DIR = re.compile(r"^step_(\d{6,})$")
 TEACHER_PREFIX = "teacher."
@@ -106,7 +107,8 @@ def save_checkpoint(
         (tmp / "rng").mkdir()
     dist.barrier()
 
-    dist_checkpointing.save(_sharded_state(actor, is_loading=False), str(tmp / MODEL_DIR))
+    with actor.teacher_on_device():  # one device for every tensor of the save (teacher_offload)
+        dist_checkpointing.save(_sharded_state(actor, is_loading=False), str(tmp / MODEL_DIR))
     torch.save(_rng_state(routing_rng), tmp / "rng" / f"rank_{rank:05d}.pt")
     dist.barrier()  # every shard and every RNG file is on disk
 
@@ -168,9 +170,10 @@ def load_checkpoint(path: Path, cfg: Config, actor, dataset, routing_rng) -> tup
             "across layouts is not supported. Convert its weights instead (tools/convert_ckpt/"
             "mcore_to_hf.py, then model.hf_dir=...) and start a new run."
         )
-    loaded = dist_checkpointing.load(_sharded_state(actor, is_loading=True), str(path / MODEL_DIR))
-    _load_module(actor.student, loaded["model"], "")
-    _load_module(actor.teacher, loaded["teacher"], TEACHER_PREFIX)
+    with actor.teacher_on_device():
+        loaded = dist_checkpointing.load(_sharded_state(actor, is_loading=True), str(path / MODEL_DIR))
+        _load_module(actor.student, loaded["model"], "")
+        _load_module(actor.teacher, loaded["teacher"], TEACHER_PREFIX)
     actor.optimizer.load_state_dict(loaded["optimizer"])
     actor.scheduler.load_state_dict(state["scheduler"])
     dataset.load_state_dict(state["data"])
@@ -219,16 +222,5 @@ def export_hf(ckpt_dir: Path, out_dir: Path, tokenizer_dir: str | None) -> None:
     command = [sys.executable, str(tool), "--mcore-dir", str(ckpt_dir), "--out-dir", str(out_dir)]
     if tokenizer_dir:
         command += ["--tokenizer-dir", str(tokenizer_dir)]
-    # not a rank of this world: drop the launcher's variables (torchrun / run_distributed)
-    launcher = (
-        "RANK",
-        "WORLD_SIZE",
-        "LOCAL_RANK",
-        "LOCAL_WORLD_SIZE",
-        "GROUP_RANK",
-        "MASTER_ADDR",
-        "MASTER_PORT",
-    )
-    env = {k: v for k, v in os.environ.items() if k not in launcher and not k.startswith("TORCHELASTIC_")}
-    subprocess.run(command, check=True, env=env)
+    subprocess.run(command, check=True, env=child_process_env())  # not a rank of this world
     print(f"HF export: {out_dir}")

@@ -10,6 +10,7 @@ then scores and trains its own contiguous share of the step's rollouts (whole pr
 """
 
 import math
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -67,6 +68,15 @@ class Run:
 
 def train(cfg: Config) -> RunResult:
     run = _setup(cfg)
+    try:
+        return _train(run)
+    finally:
+        if hasattr(run.engine, "shutdown"):  # SGLang: stop the servers this run launched
+            run.engine.shutdown()
+
+
+def _train(run: Run) -> RunResult:
+    cfg = run.cfg
     start = _resume_if_any(run)
     # The engine starts from the actor's weights: the same HF weights on a fresh start, the
     # checkpoint's on a resume.
@@ -145,7 +155,9 @@ def _setup(cfg: Config) -> Run:
     from srpo_megatron.models.qwen3.config import load_hf_config
 
     init_distributed(ParallelLayout(tp=cfg.model.tp, pp=cfg.model.pp), seed=cfg.train.seed)
-    validate_layout(cfg, dist.get_world_size())
+    validate_layout(
+        cfg, dist.get_world_size(), int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size()))
+    )
     hf_config = load_hf_config(cfg.model.hf_dir)
     tokenizer, dataset = load_training_data(cfg)
     updates_per_step = cfg.train.prompts_per_step // cfg.train.mini_batch_prompts

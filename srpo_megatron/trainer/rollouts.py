@@ -5,6 +5,7 @@ Per-rollout tensors are kept in lists indexed by the rollout's position in the s
 data-parallel rank's share is filled, and only on the last pipeline stage, where the output layer is).
 """
 
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -15,6 +16,7 @@ from srpo_megatron.data.teacher_prompt import build_teacher_input_ids
 from srpo_megatron.rewards.registry import get_reward_fn
 from srpo_megatron.rollout.engine import RolloutBatch, SamplingParams
 from srpo_megatron.rollout.metrics import LogpGap, logp_gap
+from srpo_megatron.runtime.distributed import find_free_port, get_device
 from srpo_megatron.trainer.actor import MegatronActor, TrainInputs
 from srpo_megatron.trainer.batching import MicroBatch, build_micro_batches
 
@@ -195,13 +197,12 @@ def _per_row(mb: MicroBatch, *flat: torch.Tensor | None):
 
 
 def make_engine(cfg: Config, tokenizer):
-    """The rollout engine on its owner rank (global rank 0 for the in-process HF engine); None elsewhere."""
-    if cfg.rollout.engine != "hf":
-        raise ValueError(
-            "rollout.engine=sglang is not wired into the trainer yet (issue 8); use rollout.engine=hf"
-        )
+    """The rollout engine, held by global rank 0 (None elsewhere): the HF engine in this process, or
+    an ``SGLangFleet`` of SGLang servers (launched here, or reached at ``rollout.engine_urls``)."""
     if dist.get_rank() != 0:
         return None
+    if cfg.rollout.engine == "sglang":
+        return _start_sglang(cfg)
     from transformers import AutoModelForCausalLM
 
     from srpo_megatron.rollout.hf_engine import HFEngine
@@ -211,8 +212,89 @@ def make_engine(cfg: Config, tokenizer):
     return HFEngine(model, pad_token_id=tokenizer.pad_token_id or 0, max_batch_size=cfg.rollout.hf_batch_size)
 
 
+def _start_sglang(cfg: Config):
+    from srpo_megatron.rollout.sglang_engine import SGLangEngine
+    from srpo_megatron.rollout.sglang_fleet import SGLangFleet
+    from srpo_megatron.rollout.sglang_server import launch_server, wait_until_healthy
+    from srpo_megatron.rollout.weight_sync.broadcast import GroupAddress
+
+    r = cfg.rollout
+    colocated = r.mode == "colocated"
+    servers = []
+    try:
+        if r.engine_urls:
+            urls = list(r.engine_urls)
+            print(f"SGLang: {len(urls)} engine(s) x TP {r.engine_tp} at {', '.join(urls)} ({r.mode})")
+        else:
+            log_dir = cfg.output_dir / "sglang"
+            servers = [launch_server(spec, log_dir) for spec in _server_specs(cfg)]
+            gpus = ", ".join(
+                f"GPUs {s.spec.base_gpu_id}-{s.spec.base_gpu_id + r.engine_tp - 1}" for s in servers
+            )
+            print(f"SGLang: starting {len(servers)} engine(s), {r.mode}, on {gpus}; logs in {log_dir}")
+            wait_until_healthy(servers, r.startup_timeout_s)
+            urls = [s.url for s in servers]
+        engines = [SGLangEngine.connect(u, tp_size=r.engine_tp, timeout_s=r.call_timeout_s) for u in urls]
+        address = None
+        if not colocated:  # the engines join a weight-update group hosted here
+            host = r.sync_master_addr or (
+                "127.0.0.1" if servers else os.environ.get("MASTER_ADDR", "127.0.0.1")
+            )
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            address = GroupAddress(host, find_free_port(), "srpo_weights", backend)
+        elif not torch.cuda.is_available():
+            # CPU tensors reach a CPU engine (not our child process) as shared-memory files; the
+            # default file-descriptor passing needs a shared multiprocessing authkey
+            torch.multiprocessing.set_sharing_strategy("file_system")
+        fleet = SGLangFleet(
+            engines,
+            colocated=colocated,
+            bucket_bytes=r.bucket_mb * 2**20,
+            sync_address=address,
+            servers=servers,
+            timeout_s=r.call_timeout_s,
+        )
+        fleet.connect()
+    except BaseException:
+        for server in servers:
+            server.stop()
+        raise
+    return fleet
+
+
+def _server_specs(cfg: Config):
+    """One launch per engine on this node: colocated on the training GPUs from GPU 0, disaggregated
+    on the GPUs after them (``validate_layout`` checked that they fit the node's processes)."""
+    from srpo_megatron.rollout.sglang_server import ServerSpec
+
+    r = cfg.rollout
+    first = 0 if r.mode == "colocated" else int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size()))
+    needed = first + r.num_engines * r.engine_tp
+    if torch.cuda.is_available() and torch.cuda.device_count() < needed:
+        raise ValueError(
+            f"config: rollout: {r.num_engines} {r.mode} engine(s) x TP {r.engine_tp} need GPUs {first}.."
+            f"{needed - 1} on this node, which has {torch.cuda.device_count()}"
+        )
+    return [
+        ServerSpec(
+            model_path=cfg.model.hf_dir,
+            tp_size=r.engine_tp,
+            base_gpu_id=first + i * r.engine_tp,
+            port=find_free_port(),
+            mem_fraction=r.mem_fraction,
+            memory_saver=r.mode == "colocated",
+            dtype=cfg.model.dtype,
+            extra_args=tuple(r.server_args),
+            module=r.server_module,
+        )
+        for i in range(r.num_engines)
+    ]
+
+
 def generate_rollouts(engine, cfg: Config, tokenizer, rows, *, seed: int) -> StepRollouts:
-    """Rank 0 samples ``n`` responses per prompt; every rank receives the same batch."""
+    """Rank 0 samples ``n`` responses per prompt; every rank receives the same batch. Colocated
+    engines then give their GPU memory back for training (before the broadcast, so that no rank
+    starts its forward passes while the engines still hold it)."""
     box = [None]
     if dist.get_rank() == 0:
         params = SamplingParams(
@@ -224,6 +306,7 @@ def generate_rollouts(engine, cfg: Config, tokenizer, rows, *, seed: int) -> Ste
             seed=seed,
         )
         box[0] = engine.generate([row.prompt_ids for row in rows], params)
+        engine.release_memory()
     dist.broadcast_object_list(box, src=0)
     return StepRollouts(box[0], pad_id=tokenizer.pad_token_id or 0, token_budget=cfg.train.micro_batch_tokens)
 
@@ -236,46 +319,41 @@ def stop_token_ids(tokenizer) -> list[int]:
 def sync_weights(
     actor: MegatronActor, engine, hf_config: dict, bucket_bytes: int, verify: bool = False
 ) -> dict[str, float]:
-    """Megatron shards -> HF-named full tensors in buckets -> the in-process engine on global rank 0.
+    """Megatron shards -> HF-named full tensors in buckets -> the engine(s) held by global rank 0.
 
     The exporter yields each pipeline stage's tensors on that stage's source rank (TP 0, DP 0).
     Stage 0's source is rank 0 itself; every later stage's source sends its buckets to rank 0
-    point-to-point (flat bytes + the bucket's names / dtypes / shapes). That funnel is fine for the
-    HF engine, which is a CPU / one-GPU debug engine; SGLang engines receive each stage's broadcast
-    directly (``rollout/weight_sync/broadcast.py``).
+    point-to-point (flat bytes + the bucket's names / dtypes / shapes), and rank 0 passes the whole
+    stream on: into the HF engine, to colocated SGLang engines as CUDA IPC handles, or by NCCL
+    broadcast to disaggregated ones (``SGLangFleet.load_weights``). Colocated engines get their
+    weight memory back first (every rank has emptied its allocator cache by then), and their KV
+    cache after the new weights are in.
     """
     from megatron.core import parallel_state
 
     from srpo_megatron.models.qwen3.exporter import export_hf_tensors
-    from srpo_megatron.rollout.weight_sync.buckets import (
-        allocate_bucket,
-        flatten_bucket,
-        iter_buckets,
-        unflatten_bucket,
-    )
+    from srpo_megatron.rollout.sglang_fleet import SGLangFleet
+    from srpo_megatron.rollout.weight_sync.buckets import flatten_bucket, iter_buckets
     from srpo_megatron.rollout.weight_sync.tensor import sync_weights_in_process
     from srpo_megatron.rollout.weight_sync.verify import compare_checksums, record_checksums, weight_checksums
 
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    dist.barrier()
     stream = export_hf_tensors(actor.student, hf_config)  # collective over TP: every rank iterates
     rank = dist.get_rank()
     stage_sources = dist.get_process_group_ranks(parallel_state.get_pipeline_model_parallel_group())
     if rank == 0:
+        stream = _with_later_stages(stream, stage_sources[1:])
         sent: dict = {}
         if verify:
             stream = record_checksums(stream, sent)
-        stats = sync_weights_in_process(stream, [engine], bucket_bytes=bucket_bytes)
-        for src in stage_sources[1:]:
-            while True:
-                box = [None]
-                dist.recv_object_list(box, src=src)
-                if box[0] is None:
-                    break
-                flat = allocate_bucket(box[0])
-                dist.recv(flat, src=src)
-                bucket = unflatten_bucket(flat, box[0])
-                if verify:
-                    sent |= weight_checksums(bucket)
-                engine.update_weights(bucket)
+        if isinstance(engine, SGLangFleet):
+            engine.resume_weights()
+            stats = engine.load_weights(stream)
+            engine.resume_rest()
+        else:
+            stats = sync_weights_in_process(stream, [engine], bucket_bytes=bucket_bytes)
         if verify:
             wrong = compare_checksums(sent, weight_checksums(engine.named_weights()))
             if wrong:
@@ -296,3 +374,19 @@ def sync_weights(
         for _ in stream:  # not a source: take part in the TP gathers only
             pass
     return {}
+
+
+def _with_later_stages(stream, sources: list[int]):
+    """Rank 0's own tensors, then each later pipeline stage's, received bucket by bucket."""
+    from srpo_megatron.rollout.weight_sync.buckets import allocate_bucket, unflatten_bucket
+
+    yield from stream
+    for src in sources:
+        while True:
+            box = [None]
+            dist.recv_object_list(box, src=src)
+            if box[0] is None:
+                break
+            flat = allocate_bucket(box[0], get_device())
+            dist.recv(flat, src=src)
+            yield from unflatten_bucket(flat, box[0])

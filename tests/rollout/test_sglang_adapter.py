@@ -8,7 +8,14 @@ import pytest
 import torch
 
 from srpo_megatron.rollout.engine import SamplingParams
-from srpo_megatron.rollout.sglang_engine import EngineError, SGLangEngine, import_sglang, sampling_params_dict
+from srpo_megatron.rollout.sglang_engine import (
+    MEMORY_TAGS,
+    EngineError,
+    SGLangEngine,
+    import_sglang,
+    sampling_params_dict,
+)
+from srpo_megatron.rollout.sglang_fleet import SGLangFleet
 from srpo_megatron.rollout.weight_sync.broadcast import WeightSyncError, _wait, update_message
 from srpo_megatron.rollout.weight_sync.buckets import flatten_bucket
 
@@ -49,6 +56,9 @@ class FakeEngine:
     def release_memory_occupation(self, tags=None):
         self.calls.append(("release", tags))
 
+    def resume_memory_occupation(self, tags=None):
+        self.calls.append(("resume", tags))
+
     def shutdown(self):
         raise ConnectionRefusedError("engine process is gone")
 
@@ -69,8 +79,7 @@ def test_generate_sends_one_request_per_sample_and_parses_logprobs():
         "stop_token_ids": [7],
         "skip_special_tokens": False,
         "no_stop_trim": True,
-        "sampling_seed": 4,
-    }
+    }  # no sampling_seed: SGLang's default flashinfer sampler asserts that none is given
     assert batch.prompt_index == [0, 0, 1, 1] and batch.response_ids[1] == [101, 7]
     assert torch.equal(batch.rollout_logp[1], torch.tensor([-1.0, -1.0]))
     assert batch.finish_reasons == ["stop"] * 4
@@ -91,6 +100,35 @@ def test_weight_update_requests_carry_the_protocol_message():
     assert kwargs["load_format"] is None and kwargs["flush_cache"] is False
     engine.release_memory()
     assert fake.calls[-1] == ("release", None)
+
+
+def test_fleet_splits_prompts_over_engines_and_tracks_released_memory():
+    fakes = [FakeEngine(finish="stop"), FakeEngine(finish="stop")]
+    fleet = SGLangFleet(
+        [SGLangEngine(f, name=f"e{i}") for i, f in enumerate(fakes)], colocated=True, bucket_bytes=1 << 20
+    )
+    batch = fleet.generate([[1], [2, 2], [3, 3, 3]], SamplingParams(n=2, max_new_tokens=4))
+    assert [c[1] for c in fakes[0].calls] == [[[1], [1]]]  # contiguous shares: prompt 0 | prompts 1, 2
+    assert [c[1] for c in fakes[1].calls] == [[[2, 2], [2, 2], [3, 3, 3], [3, 3, 3]]]
+    assert batch.prompt_index == [0, 0, 1, 1, 2, 2]
+    assert batch.prompt_ids == [[1], [1], [2, 2], [2, 2], [3, 3, 3], [3, 3, 3]]
+    assert batch.response_ids[2] == [100, 7]  # the second engine's first output
+
+    fleet.resume_weights()  # a fresh engine has released nothing: nothing to resume
+    fleet.resume_rest()
+    assert all(len(f.calls) == 1 for f in fakes)
+    fleet.release_memory()
+    fleet.release_memory()  # once only
+    fleet.resume_weights()
+    fleet.resume_rest()
+    for f in fakes:
+        assert f.calls[1:] == [
+            ("release", list(MEMORY_TAGS)),
+            ("resume", ["weights"]),
+            ("resume", ["kv_cache", "cuda_graph"]),
+        ]
+    with pytest.raises(ValueError, match="disaggregated engines need a sync_address"):
+        SGLangFleet([SGLangEngine(FakeEngine())], colocated=False, bucket_bytes=1)
 
 
 def test_refusal_death_and_timeout_are_clear_errors():
@@ -138,7 +176,7 @@ def test_real_sglang_colocated_update_release_resume_generate(tmp_path):
         engine.release_memory()
         engine.resume_memory(tags=["weights"])
         engine.update_weights([(n, p.detach()) for n, p in target.named_parameters()])
-        engine.resume_memory(tags=["kv_cache"])
+        engine.resume_memory(tags=[t for t in MEMORY_TAGS if t != "weights"])
         engine.flush_cache()
         batch = engine.generate([[5, 6, 7]], SamplingParams(n=2, temperature=1.0, max_new_tokens=8))
         for prompt, ids, logp in zip(batch.prompt_ids, batch.response_ids, batch.rollout_logp, strict=True):

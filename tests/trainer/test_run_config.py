@@ -36,6 +36,9 @@ def test_algorithm_presets_layer_over_a_model_config(preset, variant, lr, mini_b
         ("rollout.top_p=1.5", "rollout.top_p"),
         ("train.mini_batch_prompts=5", "train.mini_batch_prompts"),
         ("algorithm.variant=ppo", "variant"),
+        ("rollout.engine_urls=[http://a:1]", "engine_urls: gives 1 servers for rollout.num_engines=2"),
+        ("rollout.verify_sync=true", "verify_sync: reads the engine's tensors in process"),
+        ("rollout.mem_fraction=1.5", "rollout.mem_fraction"),
     ],
 )
 def test_bad_values_name_the_key(override, message):
@@ -52,6 +55,18 @@ def test_layout_that_does_not_fit_the_world():
     cfg = load_config([CONFIGS / "qwen3_8b_srpo.yaml"], REQUIRED)
     with pytest.raises(ValueError, match="does not divide the world size 6"):
         validate_layout(cfg, world_size=6)
+
+
+def test_launched_engines_must_fit_rank_0s_node():
+    cfg = load_config([CONFIGS / "qwen3_8b_srpo.yaml"], [*REQUIRED, "rollout.num_engines=3"])
+    with pytest.raises(ValueError, match="12 GPUs, but colocated engines are launched on the 8"):
+        validate_layout(cfg, world_size=8)
+    two_nodes = load_config([CONFIGS / "qwen3_8b_srpo.yaml"], [*REQUIRED, "rollout.mode=disaggregated"])
+    assert validate_layout(two_nodes, world_size=8, local_world_size=8) == 2
+    with pytest.raises(ValueError, match="with several nodes start the servers yourself"):
+        validate_layout(two_nodes, world_size=16, local_world_size=8)
+    urls = ["rollout.mode=disaggregated", "rollout.engine_urls=[http://n2:30000,http://n3:30000]"]
+    assert validate_layout(load_config([CONFIGS / "qwen3_8b_srpo.yaml"], [*REQUIRED, *urls]), 16, 8) == 4
 
 
 def test_8b_example_dry_run_on_cpu():
@@ -73,4 +88,5 @@ def test_8b_example_dry_run_on_cpu():
     assert out.returncode == 0, out.stderr[-3000:]
     assert "plan: world 8 = tp 4 x pp 1 x dp 2" in out.stdout
     assert "8.191 B parameters" in out.stdout  # HF Qwen3-8B: 8,190,735,360 (+ the vocab padding rows: none)
+    assert "2 SGLang engine(s) x TP 4, launched colocated on GPUs 0-7" in out.stdout
     assert "dry run OK" in out.stdout

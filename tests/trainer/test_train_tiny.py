@@ -1,5 +1,6 @@
 """Two-step tiny trainings through the real pipeline (HF engine, rewards, routing, Megatron actor at
-TP=2 and at PP=2, EMA teacher, weight sync, evaluation, checkpoint, HF export) on 2 gloo processes."""
+TP=2 and at PP=2, EMA teacher (parked in host memory at TP=2), weight sync, evaluation, checkpoint,
+HF export) on 2 gloo processes."""
 
 import json
 
@@ -22,6 +23,7 @@ def test_two_steps(tiny_run_inputs, tmp_path, tp, pp):
         "rollout.verify_sync=true",  # checksums of every tensor the engine holds after each sync
         "rollout.bucket_mb=1",  # several buckets, and at PP=2 buckets sent from stage 1
         f"ckpt.export_hf={tp == 2}",
+        f"model.teacher_offload={tp == 2}",  # the teacher parked in host buffers between its uses
         "train.total_steps=2",
         "train.prompts_per_step=4",
         "train.mini_batch_prompts=2",  # two optimizer steps per training step

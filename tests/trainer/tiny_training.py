@@ -64,3 +64,13 @@ def train_in_ranks(overrides: list[str], check_export: bool = False, poison_loss
             hf_logp.append(torch.log_softmax(logits.float(), -1).gather(-1, torch.tensor(r)[:, None])[:, 0])
         out["export_gap"] = (torch.cat(hf_logp) - actor_logp).abs().max().item()
     return out
+
+
+def train_with_sglang_in_ranks(overrides: list[str]):
+    """A tiny training whose rollouts come from SGLang stand-in servers (``rollout.engine=sglang``);
+    returns the last step's metrics on rank 0."""
+    from srpo_megatron.trainer import loop, rollouts
+
+    rollouts.get_reward_fn = parity_reward
+    result = loop.train(load_config(["configs/tiny_cpu.yaml"], overrides))
+    return result.metrics if torch.distributed.get_rank() == 0 else None

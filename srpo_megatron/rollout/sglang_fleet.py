@@ -1,0 +1,134 @@
+"""The run's SGLang engines, driven from one trainer rank: generate across them, load new weights
+into them, free their GPU memory while the actor trains (colocated).
+
+Two placements (``rollout.mode``):
+
+- colocated: the engines share the training GPUs. They are launched with the memory saver; after
+  each generation their weights, KV cache and CUDA graphs are released, so training has the GPUs,
+  and before the next generation the weights come back (stale), the new ones are loaded through
+  ``update_weights_from_tensor`` (CUDA IPC handles of the trainer's tensors: no copy through the
+  host), then the KV cache. Per step::
+
+      generate -> release_memory() -> ... train ... -> resume_weights() -> load_weights() -> resume_rest()
+
+- disaggregated: the engines have GPUs of their own and keep their memory; weights arrive by NCCL
+  broadcast in a weight-update group that this rank hosts (``weight_sync/broadcast.py``).
+
+Generation splits the prompts into contiguous shares, one per engine, run concurrently (each
+engine's HTTP calls go through its own worker thread), and concatenates the results in prompt order.
+"""
+
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from srpo_megatron.rollout.engine import RolloutBatch, SamplingParams
+from srpo_megatron.rollout.sglang_engine import MEMORY_TAGS, WEIGHTS_TAG, SGLangEngine
+from srpo_megatron.rollout.sglang_server import ServerProcess
+from srpo_megatron.rollout.weight_sync.broadcast import BroadcastWeightSender, GroupAddress, SyncStats
+from srpo_megatron.rollout.weight_sync.tensor import sync_weights_in_process
+
+
+class SGLangFleet:
+    """engines: one ``SGLangEngine`` per replica. sync_address: where the weight-update group meets
+    (disaggregated only). servers: the processes this fleet launched (stopped by ``shutdown``)."""
+
+    def __init__(
+        self,
+        engines: Sequence[SGLangEngine],
+        *,
+        colocated: bool,
+        bucket_bytes: int,
+        sync_address: GroupAddress | None = None,
+        servers: Sequence[ServerProcess] = (),
+        timeout_s: float = 600.0,
+    ):
+        if not engines:
+            raise ValueError("SGLangFleet needs at least one engine")
+        if not colocated and sync_address is None:
+            raise ValueError("disaggregated engines need a sync_address for the weight-update group")
+        self.engines = list(engines)
+        self.colocated = colocated
+        self.bucket_bytes = bucket_bytes
+        self.servers = list(servers)
+        self.sender: BroadcastWeightSender | None = None
+        self._released: set[str] = set()
+        if not colocated:
+            device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+            self.sender = BroadcastWeightSender(
+                self.engines, sync_address, bucket_bytes=bucket_bytes, timeout_s=timeout_s, device=device
+            )
+        self._pool = ThreadPoolExecutor(max_workers=len(self.engines), thread_name_prefix="fleet")
+
+    def connect(self) -> None:
+        """Disaggregated: every engine joins this rank's weight-update group (once per run)."""
+        if self.sender is not None:
+            self.sender.connect()
+
+    # -- generation ------------------------------------------------------------------------------
+    def generate(self, prompt_ids: Sequence[Sequence[int]], params: SamplingParams) -> RolloutBatch:
+        shares = _split(len(prompt_ids), len(self.engines))
+        futures = [
+            (start, self._pool.submit(engine.generate, [prompt_ids[i] for i in range(start, stop)], params))
+            for engine, (start, stop) in zip(self.engines, shares, strict=True)
+            if stop > start
+        ]
+        parts = [(start, future.result()) for start, future in futures]
+        return RolloutBatch(
+            prompt_index=[start + i for start, part in parts for i in part.prompt_index],
+            prompt_ids=[p for _, part in parts for p in part.prompt_ids],
+            response_ids=[r for _, part in parts for r in part.response_ids],
+            rollout_logp=[lp for _, part in parts for lp in part.rollout_logp],
+            finish_reasons=[f for _, part in parts for f in part.finish_reasons],
+        )
+
+    # -- weights ---------------------------------------------------------------------------------
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> SyncStats:
+        """The whole model as a stream of HF-named full tensors -> every engine; caches flushed."""
+        if self.colocated:
+            return sync_weights_in_process(named_tensors, self.engines, bucket_bytes=self.bucket_bytes)
+        stats = self.sender.send(named_tensors)
+        self._each(lambda e: e.flush_cache())
+        return stats
+
+    # -- memory (colocated) ----------------------------------------------------------------------
+    def release_memory(self) -> None:
+        """Colocated: weights, KV cache and CUDA graphs off the GPUs (elsewhere: nothing)."""
+        if self.colocated and not self._released:
+            self._each(lambda e: e.release_memory(list(MEMORY_TAGS)))
+            self._released = set(MEMORY_TAGS)
+
+    def resume_weights(self) -> None:
+        self._resume([WEIGHTS_TAG])
+
+    def resume_rest(self) -> None:
+        """KV cache and CUDA graphs, after the new weights are in."""
+        self._resume([t for t in MEMORY_TAGS if t != WEIGHTS_TAG])
+
+    def _resume(self, tags: list[str]) -> None:
+        tags = [t for t in tags if t in self._released]  # a fresh engine has released nothing
+        if tags:
+            self._each(lambda e: e.resume_memory(tags))
+            self._released -= set(tags)
+
+    def shutdown(self) -> None:
+        try:
+            if self.sender is not None:
+                self.sender.close()
+            for engine in self.engines:
+                engine.shutdown()
+        finally:
+            for server in self.servers:
+                server.stop()
+            self._pool.shutdown(wait=False)
+
+    def _each(self, call) -> None:
+        for future in [self._pool.submit(call, e) for e in self.engines]:
+            future.result()
+
+
+def _split(n: int, parts: int) -> list[tuple[int, int]]:
+    """``[start, stop)`` of ``parts`` contiguous shares of ``range(n)``, sizes differing by at most 1."""
+    bounds = [n * k // parts for k in range(parts + 1)]
+    return list(zip(bounds[:-1], bounds[1:], strict=True))

@@ -1,0 +1,144 @@
+"""SGLang servers as child processes of the trainer: ``python -m sglang.launch_server`` per engine.
+
+A server is its own process tree (tokenizer manager, one scheduler per TP rank), so engines never
+share the trainer's event loop or CUDA context, any trainer rank can reach any engine over HTTP,
+and a crashed engine is a dead process with a log, not a hung call. The flags are sglang 0.5.23's
+(``srt/arg_groups/fields``: ``--model-path``, ``--tp-size``, ``--base-gpu-id``,
+``--mem-fraction-static``, ``--enable-memory-saver``, ``--skip-tokenizer-init``, ...).
+
+    server = launch_server(ServerSpec(model_path, tp_size=4, base_gpu_id=0, port=30000), log_dir)
+    wait_until_healthy([server], timeout_s=900)
+    ... SGLangEngine.connect(server.url, tp_size=4) ...
+    server.stop()
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from srpo_megatron.rollout.sglang_engine import EngineError, SGLangHTTPClient
+from srpo_megatron.runtime.distributed import child_process_env
+
+
+@dataclass(frozen=True)
+class ServerSpec:
+    model_path: str
+    tp_size: int = 1
+    base_gpu_id: int = 0
+    port: int = 30000
+    host: str = "127.0.0.1"
+    mem_fraction: float = 0.6
+    memory_saver: bool = False
+    """``--enable-memory-saver``: needed to release / resume memory (colocated engines)."""
+    dtype: str = "bfloat16"
+    extra_args: tuple[str, ...] = ()
+    """Further ``launch_server`` flags, as given (e.g. ``("--disable-cuda-graph",)``)."""
+    module: str = "sglang.launch_server"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def command(self) -> list[str]:
+        cmd = [
+            sys.executable, "-m", self.module,
+            "--model-path", self.model_path,
+            "--tp-size", str(self.tp_size),
+            "--base-gpu-id", str(self.base_gpu_id),
+            "--host", self.host,
+            "--port", str(self.port),
+            "--mem-fraction-static", str(self.mem_fraction),
+            "--dtype", self.dtype,
+            "--skip-tokenizer-init",
+        ]  # fmt: skip
+        if self.memory_saver:
+            cmd.append("--enable-memory-saver")
+        return cmd + list(self.extra_args)
+
+
+@dataclass
+class ServerProcess:
+    spec: ServerSpec
+    process: subprocess.Popen
+    log_path: Path
+    stopped: bool = field(default=False)
+
+    @property
+    def url(self) -> str:
+        return self.spec.url
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """SIGTERM to the server's whole process group (its schedulers too), SIGKILL after timeout_s."""
+        if self.stopped:
+            return
+        self.stopped = True
+        if self.process.poll() is not None:
+            return
+        try:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            self.process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+        except ProcessLookupError:
+            pass
+
+
+def launch_server(spec: ServerSpec, log_dir: Path) -> ServerProcess:
+    """Start one server (returns at once; see ``wait_until_healthy``). Output goes to
+    ``<log_dir>/sglang_<port>.log``. The launcher's torchrun variables are not passed on: the
+    server builds its own process groups."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / f"sglang_{spec.port}.log"
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen(
+            spec.command(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=child_process_env(),
+            start_new_session=True,
+        )
+    return ServerProcess(spec, process, log_path)
+
+
+def wait_until_healthy(servers: Sequence[ServerProcess], timeout_s: float, poll_s: float = 1.0) -> None:
+    """Block until every server answers ``/health``; a server that exits or stays silent past
+    timeout_s stops them all and raises ``EngineError`` with the end of its log."""
+    deadline = time.monotonic() + timeout_s
+    pending = list(servers)
+    while pending:
+        for server in list(pending):
+            code = server.process.poll()
+            if code is not None:
+                _stop_all(servers)
+                raise EngineError(
+                    f"SGLang server {server.url} exited with code {code} while starting; "
+                    f"{server.log_path} ends with:\n{server.log_tail()}"
+                )
+            if SGLangHTTPClient(server.url).health():
+                pending.remove(server)
+        if pending and time.monotonic() > deadline:
+            _stop_all(servers)
+            names = ", ".join(s.url for s in pending)
+            raise EngineError(
+                f"SGLang server(s) {names} not healthy after {timeout_s:g} s; "
+                f"{pending[0].log_path} ends with:\n{pending[0].log_tail()}"
+            )
+        if pending:
+            time.sleep(poll_s)
+
+
+def _stop_all(servers: Sequence[ServerProcess]) -> None:
+    for server in servers:
+        server.stop()

@@ -1,0 +1,1 @@
+"""Test infrastructure shipped with the package: stand-ins for external services on CPU."""

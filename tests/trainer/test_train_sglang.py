@@ -1,0 +1,132 @@
+"""Tiny trainings with ``rollout.engine=sglang`` on CPU: the trainer launches, drives and stops
+SGLang servers, here the protocol stand-in ``srpo_megatron.testing.fake_sglang_server`` (sglang
+0.5.23's routes and weight-update protocol answered by the HF engine; it refuses generation and
+weight loads while the memory they need is released). The real SGLang runs in ``gpu`` tests."""
+
+import json
+import re
+
+import pytest
+import torch
+from tiny_training import train_with_sglang_in_ranks
+
+from srpo_megatron.rollout.sglang_engine import SGLangHTTPClient
+from srpo_megatron.rollout.sglang_server import ServerSpec, launch_server, wait_until_healthy
+from srpo_megatron.rollout.weight_sync.verify import compare_checksums, weight_checksums
+from srpo_megatron.runtime.distributed import find_free_port
+from srpo_megatron.runtime.launch import run_distributed
+
+FAKE = "srpo_megatron.testing.fake_sglang_server"
+
+
+def _overrides(root, out, *extra):
+    return [
+        f"model.hf_dir={root / 'model'}",
+        f"data.train_files=[{root / 'train.parquet'}]",
+        "data.test_files=[]",
+        "rollout.engine=sglang",
+        f"rollout.server_module={FAKE}",
+        "rollout.startup_timeout_s=300",
+        "rollout.bucket_mb=1",
+        "train.total_steps=2",
+        "train.prompts_per_step=4",
+        "train.mini_batch_prompts=2",
+        "train.micro_batch_tokens=256",
+        "rollout.n=4",
+        "rollout.max_new_tokens=6",
+        "algorithm.topk=8",
+        f"log.output_dir={out}",
+        "log.tensorboard=false",
+        *extra,
+    ]
+
+
+def _calls(log_path) -> list[str]:
+    return [
+        line.split(" ", 2)[1] + ("" if len(line.split(" ", 2)) < 3 else " " + line.split(" ", 2)[2])
+        for line in log_path.read_text().splitlines()
+        if line.startswith("CALL ")
+    ]
+
+
+def test_colocated_engines_launched_by_the_trainer(tiny_run_inputs, tmp_path):
+    overrides = _overrides(
+        tiny_run_inputs,
+        tmp_path,
+        "model.tp=2",
+        "rollout.mode=colocated",
+        "rollout.num_engines=2",
+        "ckpt.export_hf=false",
+    )
+    metrics, _ = run_distributed(
+        train_with_sglang_in_ranks, world_size=2, megatron=False, args=(overrides,), timeout=600
+    )
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2]
+    for r in records:  # both engines sample with the trainer's weights, synced after every step
+        assert r["logp_gap_max"] < 1e-4
+        assert r["teacher_rollouts"] == r["sdpo_rollouts"]
+    logs = sorted((tmp_path / "sglang").glob("sglang_*.log"))
+    assert len(logs) == 2
+    for log in logs:
+        calls = _calls(log)
+        # per step: generate, then memory off the GPUs for training, weights back, new weights
+        # loaded by IPC, the rest back; the prompts were split over the two engines (2 x 4 samples)
+        step = [
+            "generate 8 requests",
+            "release_memory_occupation weights,kv_cache,cuda_graph",
+            "resume_memory_occupation weights",
+        ]
+        assert calls[0] == "update_weights_from_tensor "  # the initial sync: nothing released yet
+        i = calls.index("generate 8 requests")
+        assert calls[i : i + 3] == step
+        loads = calls[i + 3 : calls.index("flush_cache ", i)]
+        assert loads and set(loads) == {"update_weights_from_tensor "}
+        assert calls.count("generate 8 requests") == 2
+        assert calls[-1] == "resume_memory_occupation kv_cache,cuda_graph"
+    # the servers were stopped with the run
+    for log in logs:
+        port = int(re.search(r"sglang_(\d+)\.log", log.name).group(1))
+        assert not SGLangHTTPClient(f"http://127.0.0.1:{port}").health()
+
+
+@pytest.fixture
+def external_server(tiny_run_inputs, tmp_path):
+    spec = ServerSpec(str(tiny_run_inputs / "model"), port=find_free_port(), dtype="float32", module=FAKE)
+    server = launch_server(spec, tmp_path / "external")
+    try:
+        wait_until_healthy([server], timeout_s=300)
+        yield server
+    finally:
+        server.stop()
+
+
+def test_disaggregated_engine_at_a_url_receives_every_stage_by_broadcast(
+    tiny_run_inputs, tmp_path, external_server
+):
+    """PP=2: stage 1's tensors reach rank 0, which broadcasts everything to the engine; after the
+    run the engine holds exactly the trained weights (those of the run's HF export)."""
+    overrides = _overrides(
+        tiny_run_inputs,
+        tmp_path,
+        "model.tp=1",
+        "model.pp=2",
+        "rollout.mode=disaggregated",
+        f"rollout.engine_urls=[{external_server.url}]",
+        "ckpt.export_hf=true",
+    )
+    run_distributed(train_with_sglang_in_ranks, world_size=2, megatron=False, args=(overrides,), timeout=600)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["logp_gap_max"] < 1e-4 for r in records)
+    calls = _calls(external_server.log_path)
+    assert calls.count("init_weights_update_group ") == 1
+    assert not any(c.startswith(("release", "resume", "update_weights_from_tensor")) for c in calls)
+    assert sum(c.startswith("update_weights_from_distributed") for c in calls) >= 3 * 2  # buckets x syncs
+
+    from transformers import AutoModelForCausalLM
+
+    trained = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)
+    start = AutoModelForCausalLM.from_pretrained(tiny_run_inputs / "model", dtype=torch.float32)
+    held = {k: tuple(v) for k, v in SGLangHTTPClient(external_server.url)._post("weights_checksums").items()}
+    assert compare_checksums(weight_checksums(trained.named_parameters()), held) == []
+    assert compare_checksums(weight_checksums(start.named_parameters()), held) != []  # it did train
