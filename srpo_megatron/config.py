@@ -67,8 +67,9 @@ class RolloutConfig:
     num_engines: int = 1
     """SGLang replicas; prompts are split evenly over them."""
     engine_tp: int = 1
-    """GPUs per SGLang replica. Launched colocated: replica i takes GPUs [i*tp, (i+1)*tp) of global
-    rank 0's node; disaggregated: the GPUs after the training processes' on that node."""
+    """GPUs per SGLang replica. Colocated: replica i runs on the GPUs of global ranks
+    [i*tp, (i+1)*tp), and num_engines x engine_tp = the world size; launched disaggregated: on the
+    GPUs after the training processes' on global rank 0's node."""
     mem_fraction: float = 0.6
     """SGLang ``--mem-fraction-static``: its share of each GPU (weights + KV cache)."""
     engine_urls: list[str] = field(default_factory=list)
@@ -228,6 +229,12 @@ def validate_config(cfg: Config) -> None:
             "reads the engine's tensors in process: HF engine only (rollout.engine=hf)",
         )
         _check(r.startup_timeout_s > 0 and r.call_timeout_s > 0, "rollout.*_timeout_s", "must be > 0")
+        _check(
+            r.mode != "colocated" or cfg.model.pp == 1,
+            "rollout.mode",
+            "colocated engines need model.pp=1 (each GPU's training rank hands its engine rank a full "
+            "copy of the weights); with pipeline parallelism use rollout.mode=disaggregated",
+        )
     _check(cfg.eval.max_prompts >= 0, "eval.max_prompts", "must be >= 0 (0 = all)")
     t = cfg.train
     _check(t.total_steps >= 1, "train.total_steps", "must be >= 1")
@@ -282,19 +289,24 @@ def validate_layout(cfg: Config, world_size: int, local_world_size: int | None =
         )
     r = cfg.rollout
     local = local_world_size or world_size
-    if r.engine == "sglang" and not r.engine_urls:
+    if r.engine == "sglang" and r.mode == "colocated":
         gpus = r.num_engines * r.engine_tp
-        if r.mode == "colocated" and gpus > local:
+        if gpus != world_size:
             raise ValueError(
-                f"config: rollout.num_engines x engine_tp = {gpus} GPUs, but colocated engines are "
-                f"launched on the {local} training GPUs of global rank 0's node; start servers on "
-                "other nodes yourself and pass rollout.engine_urls"
+                f"config: rollout.num_engines x engine_tp = {gpus} GPUs, but colocated engines take every "
+                f"training GPU, one engine rank each: it must equal the world size {world_size}"
             )
-        if r.mode == "disaggregated" and local != world_size:
+        if not r.engine_urls and local != world_size:
             raise ValueError(
-                "config: disaggregated engines are launched on global rank 0's node, after its training "
-                "GPUs; with several nodes start the servers yourself and pass rollout.engine_urls"
+                "config: colocated engines are launched on global rank 0's node only; on several nodes "
+                "start one server per engine yourself (engine i on the GPUs of global ranks i*engine_tp "
+                "and up, with --enable-memory-saver) and pass rollout.engine_urls"
             )
+    if r.engine == "sglang" and r.mode == "disaggregated" and not r.engine_urls and local != world_size:
+        raise ValueError(
+            "config: disaggregated engines are launched on global rank 0's node, after its training "
+            "GPUs; with several nodes start the servers yourself and pass rollout.engine_urls"
+        )
     return dp
 
 

@@ -147,11 +147,12 @@ class SGLangHTTPClient:
     def update_weights_from_distributed(self, **kwargs):
         return self._post("update_weights_from_distributed", kwargs)
 
-    def update_weights_from_tensor(self, named_tensors, load_format=None, flush_cache=True):
+    def update_weights_from_tensor(self, serialized_named_tensors, load_format=None, flush_cache=True):
+        """serialized_named_tensors: one ``serialize_tensors`` payload per engine TP rank."""
         return self._post(
             "update_weights_from_tensor",
             {
-                "serialized_named_tensors": [serialize_tensors(named_tensors) for _ in range(self.tp_size)],
+                "serialized_named_tensors": list(serialized_named_tensors),
                 "load_format": load_format,
                 "flush_cache": flush_cache,
             },
@@ -285,12 +286,32 @@ class SGLangEngine:
         )
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Colocated path: hand a bucket of HF-named tensors to the engine (CUDA IPC). The cache is
-        flushed once at the end of a sync (``flush_cache``), not per bucket."""
+        """Hand a bucket of HF-named tensors held by this process to every engine TP rank (CUDA IPC
+        handles; an in-process ``sglang.Engine`` serialises them itself). The cache is flushed once
+        at the end of a sync (``flush_cache``), not per bucket."""
+        named_tensors = list(named_tensors)
+        if isinstance(self.client, SGLangHTTPClient):
+            self.update_weights_serialized([serialize_tensors(named_tensors) for _ in range(self.world_size)])
+        else:
+            self._checked(
+                "update_weights_from_tensor",
+                WeightSyncError,
+                named_tensors=named_tensors,
+                load_format=None,
+                flush_cache=False,
+            )
+
+    def update_weights_serialized(self, payloads: Sequence[str]) -> None:
+        """One ``serialize_tensors`` payload per engine TP rank, rank ``j``'s made by the process on
+        that rank's GPU (colocated: each engine rank opens IPC handles of memory on its own GPU)."""
+        if len(payloads) != self.world_size:
+            raise ValueError(
+                f"engine {self.name!r} has {self.world_size} TP ranks, got {len(payloads)} payloads"
+            )
         self._checked(
             "update_weights_from_tensor",
             WeightSyncError,
-            named_tensors=list(named_tensors),
+            serialized_named_tensors=list(payloads),
             load_format=None,
             flush_cache=False,
         )

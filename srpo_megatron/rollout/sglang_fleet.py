@@ -3,13 +3,17 @@ into them, free their GPU memory while the actor trains (colocated).
 
 Two placements (``rollout.mode``):
 
-- colocated: the engines share the training GPUs. They are launched with the memory saver; after
-  each generation their weights, KV cache and CUDA graphs are released, so training has the GPUs,
-  and before the next generation the weights come back (stale), the new ones are loaded through
-  ``update_weights_from_tensor`` (CUDA IPC handles of the trainer's tensors: no copy through the
-  host), then the KV cache. Per step::
+- colocated: the engines share the training GPUs, engine ``i`` on the GPUs of global ranks
+  ``[i * tp, (i + 1) * tp)``. They are launched with the memory saver; after each generation their
+  weights, KV cache and CUDA graphs are released, so training has the GPUs, and before the next
+  generation the weights come back (stale), the new ones are loaded through
+  ``update_weights_from_tensor``, then the KV cache. Every training rank holds the full tensors
+  (the exporter's TP all-gather) and serialises CUDA IPC handles of its own copy; engine rank ``j``
+  gets the handles made on its own GPU (``load_serialized``): no copy through the host, no CUDA
+  context on another GPU. Per step::
 
-      generate -> release_memory() -> ... train ... -> resume_weights() -> load_weights() -> resume_rest()
+      generate -> release_memory() -> ... train ... -> resume_weights() -> load_serialized() per
+      bucket -> flush_cache() -> resume_rest()
 
 - disaggregated: the engines have GPUs of their own and keep their memory; weights arrive by NCCL
   broadcast in a weight-update group that this rank hosts (``weight_sync/broadcast.py``).
@@ -27,7 +31,6 @@ from srpo_megatron.rollout.engine import RolloutBatch, SamplingParams
 from srpo_megatron.rollout.sglang_engine import MEMORY_TAGS, WEIGHTS_TAG, SGLangEngine
 from srpo_megatron.rollout.sglang_server import ServerProcess
 from srpo_megatron.rollout.weight_sync.broadcast import BroadcastWeightSender, GroupAddress, SyncStats
-from srpo_megatron.rollout.weight_sync.tensor import sync_weights_in_process
 
 
 class SGLangFleet:
@@ -85,12 +88,30 @@ class SGLangFleet:
 
     # -- weights ---------------------------------------------------------------------------------
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> SyncStats:
-        """The whole model as a stream of HF-named full tensors -> every engine; caches flushed."""
-        if self.colocated:
-            return sync_weights_in_process(named_tensors, self.engines, bucket_bytes=self.bucket_bytes)
+        """Disaggregated: the whole model as a stream of HF-named full tensors, broadcast to every
+        engine; caches flushed."""
+        if self.sender is None:
+            raise RuntimeError("colocated engines load per-GPU payloads: use load_serialized")
         stats = self.sender.send(named_tensors)
-        self._each(lambda e: e.flush_cache())
+        self.flush_cache()
         return stats
+
+    def load_serialized(self, payloads: Sequence[str]) -> None:
+        """Colocated: one bucket as one ``serialize_tensors`` payload per GPU, in global-rank order;
+        engine ``i`` takes those of GPUs ``[i * tp, (i + 1) * tp)``, its own."""
+        tp = self.engines[0].world_size
+        if len(payloads) != tp * len(self.engines):
+            raise ValueError(f"{len(payloads)} payloads for {len(self.engines)} engines x TP {tp}")
+        shares = [payloads[i * tp : (i + 1) * tp] for i in range(len(self.engines))]
+        futures = [
+            self._pool.submit(e.update_weights_serialized, p)
+            for e, p in zip(self.engines, shares, strict=True)
+        ]
+        for future in futures:
+            future.result()
+
+    def flush_cache(self) -> None:
+        self._each(lambda e: e.flush_cache())
 
     # -- memory (colocated) ----------------------------------------------------------------------
     def release_memory(self) -> None:

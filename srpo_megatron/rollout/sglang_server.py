@@ -107,9 +107,19 @@ def launch_server(spec: ServerSpec, log_dir: Path) -> ServerProcess:
             stdout=log,
             stderr=subprocess.STDOUT,
             env=child_process_env(),
-            start_new_session=True,
+            start_new_session=True,  # its own process group: stop() signals the whole server
+            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
         )
     return ServerProcess(spec, process, log_path)
+
+
+def _die_with_parent() -> None:
+    """In the child: SIGTERM when the launching process dies, however it dies (a crashed or killed
+    trainer must not leave servers holding GPUs; SGLang's own workers follow their server)."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 def wait_until_healthy(servers: Sequence[ServerProcess], timeout_s: float, poll_s: float = 1.0) -> None:

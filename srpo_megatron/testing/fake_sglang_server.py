@@ -7,7 +7,8 @@ It takes ``launch_server``'s flags (``rollout/sglang_server.py``) and is strict 
 unknown request fields and sampling parameters are refused (400), generation and weight updates
 while the memory they need is released are refused, like a real engine whose memory saver paused
 them would fail. Each request is logged to stdout as ``CALL <route> <detail>`` so a test can check
-the order of the trainer's calls (release -> resume weights -> update -> resume the rest).
+the order of the trainer's calls (release -> resume weights -> update -> resume the rest), and on
+SIGTERM the checksums of the weights it holds as ``CHECKSUMS <json>``.
 Weights: ``update_weights_from_tensor`` (ForkingPickler payloads, base64) and the broadcast
 protocol through ``BroadcastWeightReceiver`` (the trainer's own receive-side reference).
 """
@@ -16,6 +17,7 @@ import argparse
 import base64
 import json
 import pickle
+import signal
 import sys
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
@@ -212,6 +214,12 @@ def main(argv=None) -> None:
         sys.exit("fake_sglang_server: only --tp-size 1")
     fake = FakeSGLang(args.model_path, args.dtype, args.enable_memory_saver)
     server = HTTPServer((args.host, args.port), make_handler(fake))
+
+    def stop(signum, frame):  # what it held at the end, for tests of runs that stop their servers
+        print(f"CHECKSUMS {json.dumps(fake.weights_checksums())}", flush=True)
+        sys.exit(0)
+
+    signal.signal(signal.SIGTERM, stop)
     print(f"fake SGLang server on {args.host}:{args.port}", flush=True)
     server.serve_forever()
 

@@ -80,7 +80,7 @@ def _train(run: Run) -> RunResult:
     start = _resume_if_any(run)
     # The engine starts from the actor's weights: the same HF weights on a fresh start, the
     # checkpoint's on a resume.
-    sync_weights(run.actor, run.engine, run.hf_config, cfg.rollout.bucket_mb * 2**20, cfg.rollout.verify_sync)
+    sync_weights(run.actor, run.engine, cfg, run.hf_config)
     metrics, rewards = {}, []
     for step in range(start + 1, cfg.train.total_steps + 1):
         metrics = train_step(run, step)
@@ -143,9 +143,7 @@ def train_step(run: Run, step: int) -> dict[str, float]:
         if any(m["update_ok"] for m in train_metrics):
             actor.update_teacher(cfg.algorithm.ema_decay)
         with timer("sync"):
-            sync_metrics = sync_weights(
-                actor, run.engine, run.hf_config, cfg.rollout.bucket_mb * 2**20, cfg.rollout.verify_sync
-            )
+            sync_metrics = sync_weights(actor, run.engine, cfg, run.hf_config)
 
     metrics = ro.metrics(routing, old, teacher) | _reduce_train_metrics(train_metrics) | sync_metrics
     return _from_last_stage(metrics) | timer.seconds

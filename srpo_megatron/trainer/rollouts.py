@@ -242,10 +242,6 @@ def _start_sglang(cfg: Config):
             )
             backend = "nccl" if torch.cuda.is_available() else "gloo"
             address = GroupAddress(host, find_free_port(), "srpo_weights", backend)
-        elif not torch.cuda.is_available():
-            # CPU tensors reach a CPU engine (not our child process) as shared-memory files; the
-            # default file-descriptor passing needs a shared multiprocessing authkey
-            torch.multiprocessing.set_sharing_strategy("file_system")
         fleet = SGLangFleet(
             engines,
             colocated=colocated,
@@ -316,18 +312,15 @@ def stop_token_ids(tokenizer) -> list[int]:
     return sorted(i for i in ids if isinstance(i, int) and i >= 0)
 
 
-def sync_weights(
-    actor: MegatronActor, engine, hf_config: dict, bucket_bytes: int, verify: bool = False
-) -> dict[str, float]:
-    """Megatron shards -> HF-named full tensors in buckets -> the engine(s) held by global rank 0.
+def sync_weights(actor: MegatronActor, engine, cfg: Config, hf_config: dict) -> dict[str, float]:
+    """The actor's weights (Megatron shards) -> HF-named full tensors in buckets -> the engine(s)
+    held by global rank 0. Every rank calls this.
 
-    The exporter yields each pipeline stage's tensors on that stage's source rank (TP 0, DP 0).
-    Stage 0's source is rank 0 itself; every later stage's source sends its buckets to rank 0
-    point-to-point (flat bytes + the bucket's names / dtypes / shapes), and rank 0 passes the whole
-    stream on: into the HF engine, to colocated SGLang engines as CUDA IPC handles, or by NCCL
-    broadcast to disaggregated ones (``SGLangFleet.load_weights``). Colocated engines get their
-    weight memory back first (every rank has emptied its allocator cache by then), and their KV
-    cache after the new weights are in.
+    Colocated SGLang: ``_sync_colocated``. Otherwise the exporter yields each pipeline stage's
+    tensors on that stage's source rank (TP 0, DP 0); stage 0's source is rank 0 itself, every later
+    stage's source sends its buckets to rank 0 point-to-point (flat bytes + the bucket's names /
+    dtypes / shapes), and rank 0 passes the whole stream on: into the HF engine, or by NCCL
+    broadcast to disaggregated SGLang engines (``SGLangFleet.load_weights``).
     """
     from megatron.core import parallel_state
 
@@ -337,24 +330,22 @@ def sync_weights(
     from srpo_megatron.rollout.weight_sync.tensor import sync_weights_in_process
     from srpo_megatron.rollout.weight_sync.verify import compare_checksums, record_checksums, weight_checksums
 
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    dist.barrier()
+    bucket_bytes = cfg.rollout.bucket_mb * 2**20
+    if cfg.rollout.engine == "sglang" and cfg.rollout.mode == "colocated":
+        return _sync_colocated(actor, engine, hf_config, bucket_bytes)
     stream = export_hf_tensors(actor.student, hf_config)  # collective over TP: every rank iterates
     rank = dist.get_rank()
     stage_sources = dist.get_process_group_ranks(parallel_state.get_pipeline_model_parallel_group())
     if rank == 0:
         stream = _with_later_stages(stream, stage_sources[1:])
         sent: dict = {}
-        if verify:
+        if cfg.rollout.verify_sync:
             stream = record_checksums(stream, sent)
         if isinstance(engine, SGLangFleet):
-            engine.resume_weights()
             stats = engine.load_weights(stream)
-            engine.resume_rest()
         else:
             stats = sync_weights_in_process(stream, [engine], bucket_bytes=bucket_bytes)
-        if verify:
+        if cfg.rollout.verify_sync:
             wrong = compare_checksums(sent, weight_checksums(engine.named_weights()))
             if wrong:
                 raise RuntimeError(
@@ -374,6 +365,52 @@ def sync_weights(
         for _ in stream:  # not a source: take part in the TP gathers only
             pass
     return {}
+
+
+def _sync_colocated(actor: MegatronActor, fleet, hf_config: dict, bucket_bytes: int) -> dict[str, float]:
+    """Colocated SGLang (PP = 1, engines covering the training GPUs rank for rank): every rank
+    exports the full tensors (each data-parallel replica runs the TP all-gathers), and per bucket
+    serialises CUDA IPC handles of its own copy; rank 0 gathers the handles and hands engine ``i``
+    those of its GPUs. The ranks keep their bucket alive until rank 0 says every engine has loaded
+    it (an engine's failure is raised on every rank). Engine memory: every rank has emptied its
+    allocator cache before the weights come back, and the KV cache returns after the new weights."""
+    from srpo_megatron.models.qwen3.exporter import export_hf_tensors
+    from srpo_megatron.rollout.sglang_engine import serialize_tensors
+    from srpo_megatron.rollout.weight_sync.broadcast import WeightSyncError
+    from srpo_megatron.rollout.weight_sync.buckets import iter_buckets
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    else:  # CPU engines: shared-memory files (fd passing needs a multiprocessing authkey we don't share)
+        torch.multiprocessing.set_sharing_strategy("file_system")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    dist.barrier()
+    if rank == 0:
+        fleet.resume_weights()
+    num_bytes = 0
+    for bucket in iter_buckets(export_hf_tensors(actor.student, hf_config, every_tp_rank=True), bucket_bytes):
+        payloads = [None] * world if rank == 0 else None
+        dist.gather_object(serialize_tensors(bucket), payloads, dst=0)
+        status = [None]
+        if rank == 0:
+            try:
+                fleet.load_serialized(payloads)
+            except Exception as e:
+                status[0] = repr(e)
+                raise
+            finally:
+                dist.broadcast_object_list(status, src=0)
+        else:
+            dist.broadcast_object_list(status, src=0)
+            if status[0] is not None:
+                raise WeightSyncError(f"colocated weight sync failed on rank 0: {status[0]}")
+        num_bytes += sum(t.numel() * t.element_size() for _, t in bucket)
+        del bucket
+    if rank != 0:
+        return {}
+    fleet.flush_cache()
+    fleet.resume_rest()
+    return {"sync/bytes": float(num_bytes)}
 
 
 def _with_later_stages(stream, sources: list[int]):

@@ -127,6 +127,13 @@ def test_fleet_splits_prompts_over_engines_and_tracks_released_memory():
             ("resume", ["weights"]),
             ("resume", ["kv_cache", "cuda_graph"]),
         ]
+    # colocated loads: engine i gets the payloads made on its own GPUs, in rank order
+    wide = [FakeEngine(), FakeEngine()]
+    fleet = SGLangFleet([SGLangEngine(f, tp_size=2) for f in wide], colocated=True, bucket_bytes=1)
+    fleet.load_serialized(["gpu0", "gpu1", "gpu2", "gpu3"])
+    assert [f.calls[-1][1]["serialized_named_tensors"] for f in wide] == [["gpu0", "gpu1"], ["gpu2", "gpu3"]]
+    with pytest.raises(ValueError, match="3 payloads for 2 engines x TP 2"):
+        fleet.load_serialized(["gpu0", "gpu1", "gpu2"])
     with pytest.raises(ValueError, match="disaggregated engines need a sync_address"):
         SGLangFleet([SGLangEngine(FakeEngine())], colocated=False, bucket_bytes=1)
 

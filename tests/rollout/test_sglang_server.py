@@ -82,3 +82,25 @@ def test_server_that_dies_at_start_is_an_error_with_its_log(tmp_path):
     server = launch_server(spec, tmp_path)
     with pytest.raises(EngineError, match=r"(?s)exited with code 1 while starting.*no_such_model"):
         wait_until_healthy([server], timeout_s=120)
+
+
+def test_server_dies_with_the_process_that_launched_it(tiny_model_dir, tmp_path):
+    """A trainer killed without stopping its servers (SIGKILL, os._exit) must not leave them behind."""
+    import subprocess
+    import sys
+    import time
+
+    port = find_free_port()
+    script = (
+        "import os, pathlib\n"
+        "from srpo_megatron.rollout.sglang_server import ServerSpec, launch_server, wait_until_healthy\n"
+        f"spec = ServerSpec({str(tiny_model_dir)!r}, port={port}, dtype='float32', module={FAKE!r})\n"
+        f"wait_until_healthy([launch_server(spec, pathlib.Path({str(tmp_path)!r}))], 300)\n"
+        "os._exit(3)  # no clean-up of any kind\n"
+    )
+    assert subprocess.run([sys.executable, "-c", script], timeout=300).returncode == 3
+    client = SGLangEngine.connect(f"http://127.0.0.1:{port}").client
+    deadline = time.monotonic() + 30
+    while client.health() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not client.health()

@@ -57,14 +57,19 @@ def test_layout_that_does_not_fit_the_world():
         validate_layout(cfg, world_size=6)
 
 
-def test_launched_engines_must_fit_rank_0s_node():
+def test_engines_must_fit_the_gpus():
     cfg = load_config([CONFIGS / "qwen3_8b_srpo.yaml"], [*REQUIRED, "rollout.num_engines=3"])
-    with pytest.raises(ValueError, match="12 GPUs, but colocated engines are launched on the 8"):
+    with pytest.raises(ValueError, match="12 GPUs, but colocated engines take every training GPU"):
         validate_layout(cfg, world_size=8)
-    two_nodes = load_config([CONFIGS / "qwen3_8b_srpo.yaml"], [*REQUIRED, "rollout.mode=disaggregated"])
-    assert validate_layout(two_nodes, world_size=8, local_world_size=8) == 2
-    with pytest.raises(ValueError, match="with several nodes start the servers yourself"):
+    two_nodes = load_config([CONFIGS / "qwen3_8b_srpo.yaml"], [*REQUIRED, "rollout.num_engines=4"])
+    with pytest.raises(ValueError, match="launched on global rank 0's node only"):
         validate_layout(two_nodes, world_size=16, local_world_size=8)
+    with pytest.raises(ValueError, match="colocated engines need model.pp=1"):
+        load_config([CONFIGS / "qwen3_8b_srpo.yaml"], [*REQUIRED, "model.pp=2"])
+    apart = load_config([CONFIGS / "qwen3_8b_srpo.yaml"], [*REQUIRED, "rollout.mode=disaggregated"])
+    assert validate_layout(apart, world_size=8, local_world_size=8) == 2
+    with pytest.raises(ValueError, match="with several nodes start the servers yourself"):
+        validate_layout(apart, world_size=16, local_world_size=8)
     urls = ["rollout.mode=disaggregated", "rollout.engine_urls=[http://n2:30000,http://n3:30000]"]
     assert validate_layout(load_config([CONFIGS / "qwen3_8b_srpo.yaml"], [*REQUIRED, *urls]), 16, 8) == 4
 

@@ -56,7 +56,7 @@ def test_colocated_engines_launched_by_the_trainer(tiny_run_inputs, tmp_path):
         "model.tp=2",
         "rollout.mode=colocated",
         "rollout.num_engines=2",
-        "ckpt.export_hf=false",
+        "ckpt.export_hf=true",
     )
     metrics, _ = run_distributed(
         train_with_sglang_in_ranks, world_size=2, megatron=False, args=(overrides,), timeout=600
@@ -84,10 +84,21 @@ def test_colocated_engines_launched_by_the_trainer(tiny_run_inputs, tmp_path):
         assert loads and set(loads) == {"update_weights_from_tensor "}
         assert calls.count("generate 8 requests") == 2
         assert calls[-1] == "resume_memory_occupation kv_cache,cuda_graph"
-    # the servers were stopped with the run
+    # the servers were stopped with the run, each holding exactly the trained weights
+    trained = _checksums_of(tmp_path / "hf")
     for log in logs:
         port = int(re.search(r"sglang_(\d+)\.log", log.name).group(1))
         assert not SGLangHTTPClient(f"http://127.0.0.1:{port}").health()
+        held = json.loads(log.read_text().split("CHECKSUMS ", 1)[1].splitlines()[0])
+        assert compare_checksums(trained, {k: tuple(v) for k, v in held.items()}) == []
+    assert compare_checksums(_checksums_of(tiny_run_inputs / "model"), trained) != []  # it did train
+
+
+def _checksums_of(hf_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    return weight_checksums(model.named_parameters())
 
 
 @pytest.fixture
@@ -123,10 +134,7 @@ def test_disaggregated_engine_at_a_url_receives_every_stage_by_broadcast(
     assert not any(c.startswith(("release", "resume", "update_weights_from_tensor")) for c in calls)
     assert sum(c.startswith("update_weights_from_distributed") for c in calls) >= 3 * 2  # buckets x syncs
 
-    from transformers import AutoModelForCausalLM
-
-    trained = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)
-    start = AutoModelForCausalLM.from_pretrained(tiny_run_inputs / "model", dtype=torch.float32)
-    held = {k: tuple(v) for k, v in SGLangHTTPClient(external_server.url)._post("weights_checksums").items()}
-    assert compare_checksums(weight_checksums(trained.named_parameters()), held) == []
-    assert compare_checksums(weight_checksums(start.named_parameters()), held) != []  # it did train
+    held = SGLangHTTPClient(external_server.url)._post("weights_checksums")
+    held = {k: tuple(v) for k, v in held.items()}
+    assert compare_checksums(_checksums_of(tmp_path / "hf"), held) == []
+    assert compare_checksums(_checksums_of(tiny_run_inputs / "model"), held) != []  # it did train

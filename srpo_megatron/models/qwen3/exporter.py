@@ -7,7 +7,9 @@ together: the gathers are collectives), then un-fused (QKV per query group -> q/
 gate/up) and stripped of vocabulary padding. Who gets what:
 
 - the tensors of a PP stage come out on that stage's TP rank 0, each exactly once;
-- every other rank yields nothing (it still takes part in the gathers);
+- every other rank yields nothing (it still takes part in the gathers), unless
+  ``every_tp_rank=True``: then every TP rank yields its own copy (colocated engines read each
+  GPU's copy in place);
 - PP stages run independently (no cross-stage communication): a consumer that needs the whole
   model on one rank (weight sync to a single engine) broadcasts from the owning stages.
 - tied embeddings: ``lm_head.weight`` is not exported (HF ties it to ``embed_tokens``); the last
@@ -29,9 +31,10 @@ from srpo_megatron.models.qwen3.mapping import is_tp_sharded, map_params, merge_
 
 
 def export_hf_tensors(
-    model: torch.nn.Module, hf_config: dict[str, Any] | Any
+    model: torch.nn.Module, hf_config: dict[str, Any] | Any, *, every_tp_rank: bool = False
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield ``(hf_name, full tensor)`` for this PP stage on its TP rank 0 (see module docstring).
+    """Yield ``(hf_name, full tensor)`` for this PP stage on its TP rank 0, or on every TP rank
+    (see module docstring).
 
     model: this rank's bare GPTModel stage (unwrap DDP / Float16Module first).
     """
@@ -40,7 +43,7 @@ def export_hf_tensors(
     arch = Qwen3Arch.from_hf(hf_config)
     tp_group = parallel_state.get_tensor_model_parallel_group()
     tp = parallel_state.get_tensor_model_parallel_world_size()
-    is_producer = parallel_state.get_tensor_model_parallel_rank() == 0
+    is_producer = every_tp_rank or parallel_state.get_tensor_model_parallel_rank() == 0
     params = dict(model.named_parameters())
     for pm in map_params(model):
         if pm.tied_copy:
