@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# SRPO on Qwen3-8B, one 8-GPU node (actor TP=4 x DP=2, two colocated SGLang engines of TP=4).
+# SRPO on Qwen3-8B, one 8-GPU node (actor TP=4 x DP=2, two colocated SGLang engines of TP=4,
+# launched by the trainer; their logs in $OUTPUT_DIR/qwen3_8b_srpo/sglang/).
 #   HF_MODEL_DIR=/ckpt/Qwen3-8B DATA_DIR=/data/sciknoweval/chemistry bash examples/run_qwen3_8b_srpo.sh
 # Add --dry-run to validate the config and the layout on any machine (no GPU, no weights needed).
 set -euo pipefail
