@@ -36,8 +36,9 @@ class ModelConfig:
     make_vocab_size_divisible_by: int = 128
     """Megatron pads the vocabulary to a multiple of this times TP; padded entries carry no probability."""
     teacher_offload: bool = False
-    """Park the EMA teacher's weights in host memory between uses (its forward and its EMA update):
-    the device holds one copy of the model fewer while the actor trains and the engines generate."""
+    """Park the EMA teacher's weights in pinned host memory between uses (its forward and its EMA
+    update): the device holds one copy of the model fewer while the actor trains and the engines
+    generate. Checkpoint saves and loads bring it to the device for their duration."""
 
 
 @dataclass
@@ -83,7 +84,8 @@ class RolloutConfig:
     startup_timeout_s: float = 900.0
     """Launched engines must answer /health within this."""
     call_timeout_s: float = 3600.0
-    """Deadline of one engine call (a whole step's generation on one replica, a weight bucket)."""
+    """Deadline of one engine call (a whole step's generation on one replica, a weight bucket). The
+    trainer's process groups wait 10 minutes longer than this and than startup_timeout_s."""
     sync_master_addr: str | None = None
     """Disaggregated: the address at which the engines reach global rank 0 for the weight-update
     group; defaults to MASTER_ADDR, else 127.0.0.1."""

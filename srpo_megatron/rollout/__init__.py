@@ -2,18 +2,17 @@
 
 engine.py         SamplingParams, RolloutBatch, the RolloutEngine protocol
 hf_engine.py      HFEngine: CPU default and one-GPU debug engine
-sglang_engine.py  SGLangEngine: ``sglang.Engine`` in process or a launched server
+sglang_engine.py  SGLangEngine: one SGLang replica (HTTP server or in-process ``sglang.Engine``)
+sglang_server.py  launching ``sglang.launch_server`` processes, waiting for /health, stopping them
+sglang_fleet.py   SGLangFleet: the run's replicas from one rank (generate, load weights, memory)
 metrics.py        train-vs-rollout log-prob gap on the sampled tokens
 weight_sync/      Megatron shards -> HF-named buckets -> engines (see its docstring)
 
-One step, as the trainer drives it (``export = export_hf_tensors(model, hf_config)``):
-
-  HF engine / colocated SGLang (the engine's owner rank holds the handle)
-      exports, _, _ = megatron_sync_role()
-      if exports: sync_weights_in_process(export, [engine]) on the owner, drain elsewhere
-  disaggregated SGLang (engines on their own GPUs), once at start on each stage's source rank:
-      sender = BroadcastWeightSender(engines, GroupAddress(addr, port, "weights").for_stage(pp_rank))
-      sender.connect()
-    then every step, on every rank of data-parallel rank 0's model-parallel group:
-      send_or_drain(export, sender if sends else None); dist.barrier()
+How the trainer drives them: ``trainer/rollouts.py`` (``make_engine``, ``generate_rollouts``,
+``sync_weights``). Global rank 0 holds the engine(s); the weights reach them
+  HF engine:              rank 0's stream (later pipeline stages send theirs to rank 0) in process;
+  SGLang disaggregated:   that stream broadcast by rank 0 in the engines' weight-update group
+                          (``BroadcastWeightSender``, flattened buckets);
+  SGLang colocated:       every rank's own full copy, as CUDA IPC handles gathered on rank 0 and
+                          handed to the engine rank on the same GPU.
 """

@@ -14,6 +14,8 @@ Re-read these when sglang is upgraded. What we use:
 - ``init_weights_update_group(master_address, master_port, rank_offset, world_size, group_name,
   backend)`` and ``update_weights_from_distributed(names, dtypes, shapes, group_name, flush_cache,
   load_format)`` (disaggregated; protocol in ``weight_sync/broadcast.py``);
+- ``begin_weight_update()`` / ``end_weight_update()``: 0.5.23 refuses weight updates outside such
+  a session (``scheduler_components/weight_updater.py``); one session per sync;
 - ``update_weights_from_tensor(named_tensors, load_format, flush_cache)`` (colocated; CUDA IPC
   handles of the trainer's tensors, serialised once per engine TP rank, as the engine itself does:
   each rank then drops its own handle);
@@ -62,6 +64,12 @@ def serialize_tensors(named_tensors: list[tuple[str, torch.Tensor]]) -> str:
     the bytes of SGLang's ``MultiprocessingSerializer.serialize`` (torch's ForkingPickler, under
     which a CUDA tensor travels as an IPC handle and a CPU tensor as shared memory, never its
     data). The tensors must stay alive until the engine has answered."""
+    if any(t.is_cuda for _, t in named_tensors):
+        # as SGLang's own producers do: the device travels as its UUID, not as this process's index
+        # (the engine may number its GPUs otherwise, e.g. another CUDA_VISIBLE_DEVICES)
+        from sglang.srt.utils.patch_torch import monkey_patch_torch_reductions
+
+        monkey_patch_torch_reductions()
     buffer = io.BytesIO()
     ForkingPickler(buffer).dump(named_tensors)
     return base64.b64encode(buffer.getvalue()).decode()
@@ -157,6 +165,12 @@ class SGLangHTTPClient:
                 "flush_cache": flush_cache,
             },
         )
+
+    def begin_weight_update(self, selector="all"):
+        return self._post("begin_weight_update", {"selector": selector})
+
+    def end_weight_update(self):
+        return self._post("end_weight_update")
 
     def release_memory_occupation(self, tags=None):
         return self._post("release_memory_occupation", {"tags": tags})
@@ -315,6 +329,12 @@ class SGLangEngine:
             load_format=None,
             flush_cache=False,
         )
+
+    def begin_weight_update(self) -> None:
+        self._checked("begin_weight_update", WeightSyncError)
+
+    def end_weight_update(self) -> None:
+        self._checked("end_weight_update", WeightSyncError)
 
     def flush_cache(self) -> None:
         self._checked("flush_cache")

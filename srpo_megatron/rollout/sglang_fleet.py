@@ -12,8 +12,8 @@ Two placements (``rollout.mode``):
   gets the handles made on its own GPU (``load_serialized``): no copy through the host, no CUDA
   context on another GPU. Per step::
 
-      generate -> release_memory() -> ... train ... -> resume_weights() -> load_serialized() per
-      bucket -> flush_cache() -> resume_rest()
+      generate -> release_memory() -> ... train ... -> resume_weights() ->
+      with weight_update(): load_serialized() per bucket -> resume_rest()
 
 - disaggregated: the engines have GPUs of their own and keep their memory; weights arrive by NCCL
   broadcast in a weight-update group that this rank hosts (``weight_sync/broadcast.py``).
@@ -24,6 +24,7 @@ engine's HTTP calls go through its own worker thread), and concatenates the resu
 
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import torch
 
@@ -87,18 +88,55 @@ class SGLangFleet:
         )
 
     # -- weights ---------------------------------------------------------------------------------
+    def begin_weight_update(self) -> None:
+        """Open a weight-update session on every engine (SGLang refuses loads outside one)."""
+        opened = []
+        try:
+            for engine in self.engines:
+                engine.begin_weight_update()
+                opened.append(engine)
+        except Exception:
+            self._end(opened, quiet=True)
+            raise
+
+    def end_weight_update(self, *, flush: bool = True, quiet: bool = False) -> None:
+        """Close the sessions; flush the KV caches computed with the old weights. quiet: after a
+        failed load, when the first error is the one to report."""
+        self._end(self.engines, quiet=quiet)
+        if flush:
+            self.flush_cache()
+
+    @contextmanager
+    def weight_update(self):
+        self.begin_weight_update()
+        try:
+            yield
+        except BaseException:
+            self.end_weight_update(flush=False, quiet=True)
+            raise
+        self.end_weight_update()
+
+    @staticmethod
+    def _end(engines, quiet: bool) -> None:
+        for engine in engines:
+            try:
+                engine.end_weight_update()
+            except Exception:
+                if not quiet:
+                    raise
+
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> SyncStats:
         """Disaggregated: the whole model as a stream of HF-named full tensors, broadcast to every
-        engine; caches flushed."""
+        engine, in one weight-update session."""
         if self.sender is None:
             raise RuntimeError("colocated engines load per-GPU payloads: use load_serialized")
-        stats = self.sender.send(named_tensors)
-        self.flush_cache()
-        return stats
+        with self.weight_update():
+            return self.sender.send(named_tensors)
 
     def load_serialized(self, payloads: Sequence[str]) -> None:
         """Colocated: one bucket as one ``serialize_tensors`` payload per GPU, in global-rank order;
-        engine ``i`` takes those of GPUs ``[i * tp, (i + 1) * tp)``, its own."""
+        engine ``i`` takes those of GPUs ``[i * tp, (i + 1) * tp)``, its own. Call it inside
+        ``weight_update()``."""
         tp = self.engines[0].world_size
         if len(payloads) != tp * len(self.engines):
             raise ValueError(f"{len(payloads)} payloads for {len(self.engines)} engines x TP {tp}")

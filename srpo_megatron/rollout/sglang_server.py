@@ -12,6 +12,7 @@ and a crashed engine is a dead process with a log, not a hung call. The flags ar
     server.stop()
 """
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -79,20 +80,21 @@ class ServerProcess:
             return "(no log)"
 
     def stop(self, timeout_s: float = 30.0) -> None:
-        """SIGTERM to the server's whole process group (its schedulers too), SIGKILL after timeout_s."""
+        """SIGTERM to the server's whole process group (its schedulers too), then SIGKILL to whatever
+        of it is left after timeout_s (or at once, when the leader is already gone)."""
         if self.stopped:
             return
         self.stopped = True
-        if self.process.poll() is not None:
-            return
-        try:
-            os.killpg(self.process.pid, signal.SIGTERM)
+        _signal_group(self.process.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
             self.process.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
-        except ProcessLookupError:
-            pass
+        _signal_group(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError):  # nothing of the group is left
+        os.killpg(pgid, sig)
 
 
 def launch_server(spec: ServerSpec, log_dir: Path) -> ServerProcess:
@@ -108,18 +110,25 @@ def launch_server(spec: ServerSpec, log_dir: Path) -> ServerProcess:
             stderr=subprocess.STDOUT,
             env=child_process_env(),
             start_new_session=True,  # its own process group: stop() signals the whole server
-            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+            preexec_fn=_die_with_parent,
         )
     return ServerProcess(spec, process, log_path)
 
 
-def _die_with_parent() -> None:
-    """In the child: SIGTERM when the launching process dies, however it dies (a crashed or killed
-    trainer must not leave servers holding GPUs; SGLang's own workers follow their server)."""
+if sys.platform == "linux":
     import ctypes
 
-    pr_set_pdeathsig = 1
-    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    _prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here: the child only calls it
+    _PR_SET_PDEATHSIG = 1
+
+    def _die_with_parent() -> None:
+        """In the child, between fork and exec: SIGTERM when the launching process dies, however it
+        dies (a crashed or killed trainer must not leave servers holding GPUs; SGLang's own
+        workers follow their server)."""
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+else:
+    _die_with_parent = None
 
 
 def wait_until_healthy(servers: Sequence[ServerProcess], timeout_s: float, poll_s: float = 1.0) -> None:

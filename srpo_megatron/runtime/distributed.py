@@ -121,3 +121,23 @@ def child_process_env() -> dict[str, str]:
         for k, v in os.environ.items()
         if k not in _LAUNCHER_VARIABLES and not k.startswith(("TORCHELASTIC_", "GROUP_WORLD", "ROLE_WORLD"))
     }
+
+
+def from_rank_0(fn, what: str):
+    """``fn()`` on global rank 0, its (picklable) result on every rank. An exception on rank 0 is
+    raised on every rank, rank 0's own there and a RuntimeError quoting it elsewhere, so that no
+    rank is left waiting in a collective that rank 0 never enters (the engine calls of the trainer
+    run on rank 0 alone)."""
+    box, error = [None], None
+    if dist.get_rank() == 0:
+        try:
+            box[0] = ("ok", fn())
+        except Exception as e:
+            error, box[0] = e, ("error", f"{type(e).__name__}: {e}")
+    dist.broadcast_object_list(box, src=0)
+    if error is not None:
+        raise error
+    status, value = box[0]
+    if status == "error":
+        raise RuntimeError(f"{what} failed on rank 0: {value}")
+    return value

@@ -4,9 +4,9 @@ answered by the HF engine. Not an inference engine (one request at a time, a sma
     python -m srpo_megatron.testing.fake_sglang_server --model-path DIR --port 30000 [sglang flags]
 
 It takes ``launch_server``'s flags (``rollout/sglang_server.py``) and is strict where SGLang is:
-unknown request fields and sampling parameters are refused (400), generation and weight updates
-while the memory they need is released are refused, like a real engine whose memory saver paused
-them would fail. Each request is logged to stdout as ``CALL <route> <detail>`` so a test can check
+unknown request fields and sampling parameters are refused (400); so are generation and weight
+loads while the memory they need is released, weight loads outside a begin/end_weight_update
+session, resuming memory that was not released, and payloads naming anything outside torch. Each request is logged to stdout as ``CALL <route> <detail>`` so a test can check
 the order of the trainer's calls (release -> resume weights -> update -> resume the rest), and on
 SIGTERM the checksums of the weights it holds as ``CHECKSUMS <json>``.
 Weights: ``update_weights_from_tensor`` (ForkingPickler payloads, base64) and the broadcast
@@ -15,6 +15,7 @@ protocol through ``BroadcastWeightReceiver`` (the trainer's own receive-side ref
 
 import argparse
 import base64
+import io
 import json
 import pickle
 import signal
@@ -43,6 +44,8 @@ FIELDS = {
         "serialized_named_tensors", "load_format", "flush_cache", "abort_all_requests",
         "weight_version", "selector", "torch_empty_cache",
     },
+    "begin_weight_update": {"selector"},
+    "end_weight_update": set(),
     "release_memory_occupation": {"tags"},
     "resume_memory_occupation": {"tags"},
     "flush_cache": set(),
@@ -60,6 +63,16 @@ class Refused(Exception):
     pass
 
 
+class TorchOnlyUnpickler(pickle.Unpickler):
+    """Like SGLang's SafeUnpickler: a weight payload may only name torch's tensor-rebuilding
+    functions and types (a module outside torch is refused)."""
+
+    def find_class(self, module, name):
+        if module == "torch" or module.startswith("torch."):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing {module}.{name} in a weight payload")
+
+
 class FakeSGLang:
     def __init__(self, model_path: str, dtype: str, memory_saver: bool):
         from transformers import AutoModelForCausalLM
@@ -69,6 +82,7 @@ class FakeSGLang:
         self.receiver = BroadcastWeightReceiver(self.engine.update_weights)
         self.memory_saver = memory_saver
         self.released: set[str] = set()
+        self.session = False  # inside begin_weight_update .. end_weight_update
         self.seed = 0
 
     def _need(self, *tags: str) -> None:
@@ -108,11 +122,30 @@ class FakeSGLang:
             )
         ]
 
-    def update_weights_from_tensor(self, serialized_named_tensors, load_format=None, **_):
+    def begin_weight_update(self, selector="all"):
+        if self.session:
+            raise Refused("a weight-update session is already open; call end_weight_update() first")
+        self.session = True
+        return {"success": True, "message": "Success"}
+
+    def end_weight_update(self):
+        if not self.session:
+            raise Refused("no weight-update session is open; call begin_weight_update() first")
+        self.session = False
+        return {"success": True, "message": "Success"}
+
+    def _loading(self, route: str) -> None:
         self._need("weights")
+        if not self.session:
+            raise Refused(f"{route} must run between begin_weight_update() and end_weight_update()")
+
+    def update_weights_from_tensor(self, serialized_named_tensors, load_format=None, **_):
+        self._loading("update_weights_from_tensor")
         if load_format is not None or len(serialized_named_tensors) != 1:
             raise Refused("this stand-in takes load_format=None and one TP rank")
-        named = pickle.loads(base64.b64decode(serialized_named_tensors[0]))
+        named = TorchOnlyUnpickler(
+            io.BytesIO(base64.b64decode(serialized_named_tensors[0], validate=True))
+        ).load()
         self.engine.update_weights(named)
         return {"success": True, "message": f"loaded {len(named)} tensors"}
 
@@ -122,7 +155,7 @@ class FakeSGLang:
     def update_weights_from_distributed(
         self, names, dtypes, shapes, group_name, flush_cache=True, load_format=None, **_
     ):
-        self._need("weights")
+        self._loading("update_weights_from_distributed")
         return _result(
             self.receiver.update_weights_from_distributed(
                 names, dtypes, shapes, group_name, flush_cache, load_format
@@ -135,7 +168,10 @@ class FakeSGLang:
         self.released |= set(tags or MEMORY_TAGS)
 
     def resume_memory_occupation(self, tags=None):
-        self.released -= set(tags or MEMORY_TAGS)
+        tags = set(tags or MEMORY_TAGS)
+        if tags - self.released:  # SGLang's scheduler dies on this (KeyError in offload_tags.remove)
+            raise Refused(f"resuming {sorted(tags - self.released)}, which were not released")
+        self.released -= tags
 
     def flush_cache(self):
         return "Cache flushed.\n"

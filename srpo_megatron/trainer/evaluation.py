@@ -8,13 +8,12 @@ mean over sources (each source counts once, whatever its size).
 
 from collections import defaultdict
 
-import torch.distributed as dist
-
 from srpo_megatron.config import Config
 from srpo_megatron.data.rows import load_rows
 from srpo_megatron.data.templating import tokenize_and_filter
 from srpo_megatron.rewards.registry import get_reward_fn
 from srpo_megatron.rollout.engine import SamplingParams
+from srpo_megatron.runtime.distributed import from_rank_0
 
 BUDGET_HOURS = (1, 5, 10)
 
@@ -28,8 +27,8 @@ def load_eval_prompts(cfg: Config, tokenizer) -> list:
 
 def evaluate(engine, cfg: Config, tokenizer, prompts, stop_token_ids, *, seed: int) -> dict[str, float]:
     """Rank 0 samples and scores; every rank gets the same metrics dict."""
-    box = [None]
-    if dist.get_rank() == 0:
+
+    def sample_and_score() -> dict[str, float]:
         n = cfg.eval.n_samples
         params = SamplingParams(
             n=n,
@@ -48,9 +47,9 @@ def evaluate(engine, cfg: Config, tokenizer, prompts, stop_token_ids, *, seed: i
         key = f"avg@{n}"
         metrics = {f"eval/{source}/{key}": sum(s) / len(s) for source, s in sorted(per_source.items())}
         metrics[f"eval/{key}"] = sum(metrics.values()) / len(metrics)
-        box[0] = metrics
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+        return metrics
+
+    return from_rank_0(sample_and_score, "evaluation")
 
 
 class BestWithinBudget:

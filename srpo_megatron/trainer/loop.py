@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from srpo_megatron.algorithms import compute_group_advantages, compute_weight_stats, route_rollouts
 from srpo_megatron.config import Config, validate_layout
-from srpo_megatron.runtime.distributed import ParallelLayout, init_distributed
+from srpo_megatron.runtime.distributed import ParallelLayout, from_rank_0, init_distributed
 from srpo_megatron.trainer.actor import MegatronActor, TrainInputs
 from srpo_megatron.trainer.batching import build_micro_batches
 from srpo_megatron.trainer.checkpoint import (
@@ -67,12 +67,15 @@ class Run:
 
 
 def train(cfg: Config) -> RunResult:
-    run = _setup(cfg)
+    _start_distributed(cfg)
+    tokenizer, dataset = load_training_data(cfg)
+    engine = None
     try:
-        return _train(run)
+        engine = _start_engine(cfg, tokenizer)
+        return _train(_setup(cfg, tokenizer, dataset, engine))
     finally:
-        if hasattr(run.engine, "shutdown"):  # SGLang: stop the servers this run launched
-            run.engine.shutdown()
+        if hasattr(engine, "shutdown"):  # SGLang: stop the servers this run launched
+            engine.shutdown()
 
 
 def _train(run: Run) -> RunResult:
@@ -149,15 +152,37 @@ def train_step(run: Run, step: int) -> dict[str, float]:
     return _from_last_stage(metrics) | timer.seconds
 
 
-def _setup(cfg: Config) -> Run:
+def _start_distributed(cfg: Config) -> None:
+    # Ranks wait in a collective while rank 0 starts the engines or generates: the groups' timeout
+    # must outlast the engines' own deadlines, so that those are what reports a stuck engine.
+    r = cfg.rollout
+    timeout_minutes = max(30, math.ceil(max(r.call_timeout_s, r.startup_timeout_s) / 60) + 10)
+    init_distributed(
+        ParallelLayout(tp=cfg.model.tp, pp=cfg.model.pp), seed=cfg.train.seed, timeout_minutes=timeout_minutes
+    )
+    world = dist.get_world_size()
+    validate_layout(cfg, world, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+
+
+def _start_engine(cfg: Config, tokenizer):
+    """Rank 0 starts the rollout engine(s) before any rank builds the actor: launched SGLang sizes
+    its KV cache on GPUs that are still empty, and colocated engines then give their memory back
+    until the first weight sync. A failure there stops every rank. None on the other ranks."""
+    engine = None
+
+    def start() -> None:
+        nonlocal engine
+        engine = make_engine(cfg, tokenizer)
+        engine.release_memory()
+
+    from_rank_0(start, "starting the rollout engine")
+    return engine
+
+
+def _setup(cfg: Config, tokenizer, dataset, engine) -> Run:
     from srpo_megatron.models.qwen3.config import load_hf_config
 
-    init_distributed(ParallelLayout(tp=cfg.model.tp, pp=cfg.model.pp), seed=cfg.train.seed)
-    validate_layout(
-        cfg, dist.get_world_size(), int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size()))
-    )
     hf_config = load_hf_config(cfg.model.hf_dir)
-    tokenizer, dataset = load_training_data(cfg)
     updates_per_step = cfg.train.prompts_per_step // cfg.train.mini_batch_prompts
     return Run(
         cfg=cfg,
@@ -165,7 +190,7 @@ def _setup(cfg: Config) -> Run:
         tokenizer=tokenizer,
         dataset=dataset,
         actor=MegatronActor(cfg, hf_config, optimizer_steps=cfg.train.total_steps * updates_per_step),
-        engine=make_engine(cfg, tokenizer),
+        engine=engine,
         logger=MetricsLogger(
             cfg.output_dir,
             enabled=dist.get_rank() == 0,

@@ -16,7 +16,7 @@ from srpo_megatron.data.teacher_prompt import build_teacher_input_ids
 from srpo_megatron.rewards.registry import get_reward_fn
 from srpo_megatron.rollout.engine import RolloutBatch, SamplingParams
 from srpo_megatron.rollout.metrics import LogpGap, logp_gap
-from srpo_megatron.runtime.distributed import find_free_port, get_device
+from srpo_megatron.runtime.distributed import find_free_port, from_rank_0, get_device
 from srpo_megatron.trainer.actor import MegatronActor, TrainInputs
 from srpo_megatron.trainer.batching import MicroBatch, build_micro_batches
 
@@ -197,10 +197,8 @@ def _per_row(mb: MicroBatch, *flat: torch.Tensor | None):
 
 
 def make_engine(cfg: Config, tokenizer):
-    """The rollout engine, held by global rank 0 (None elsewhere): the HF engine in this process, or
+    """The rollout engine, held by global rank 0 (call it there): the HF engine in this process, or
     an ``SGLangFleet`` of SGLang servers (launched here, or reached at ``rollout.engine_urls``)."""
-    if dist.get_rank() != 0:
-        return None
     if cfg.rollout.engine == "sglang":
         return _start_sglang(cfg)
     from transformers import AutoModelForCausalLM
@@ -289,10 +287,10 @@ def _server_specs(cfg: Config):
 
 def generate_rollouts(engine, cfg: Config, tokenizer, rows, *, seed: int) -> StepRollouts:
     """Rank 0 samples ``n`` responses per prompt; every rank receives the same batch. Colocated
-    engines then give their GPU memory back for training (before the broadcast, so that no rank
-    starts its forward passes while the engines still hold it)."""
-    box = [None]
-    if dist.get_rank() == 0:
+    engines then give their GPU memory back for training (before the batch goes out, so that no
+    rank starts its forward passes while the engines still hold it)."""
+
+    def generate() -> RolloutBatch:
         params = SamplingParams(
             n=cfg.rollout.n,
             temperature=cfg.rollout.temperature,
@@ -301,10 +299,12 @@ def generate_rollouts(engine, cfg: Config, tokenizer, rows, *, seed: int) -> Ste
             stop_token_ids=tuple(stop_token_ids(tokenizer)),
             seed=seed,
         )
-        box[0] = engine.generate([row.prompt_ids for row in rows], params)
+        batch = engine.generate([row.prompt_ids for row in rows], params)
         engine.release_memory()
-    dist.broadcast_object_list(box, src=0)
-    return StepRollouts(box[0], pad_id=tokenizer.pad_token_id or 0, token_budget=cfg.train.micro_batch_tokens)
+        return batch
+
+    batch = from_rank_0(generate, "rollout generation")
+    return StepRollouts(batch, pad_id=tokenizer.pad_token_id or 0, token_budget=cfg.train.micro_batch_tokens)
 
 
 def stop_token_ids(tokenizer) -> list[int]:
@@ -373,10 +373,10 @@ def _sync_colocated(actor: MegatronActor, fleet, hf_config: dict, bucket_bytes: 
     serialises CUDA IPC handles of its own copy; rank 0 gathers the handles and hands engine ``i``
     those of its GPUs. The ranks keep their bucket alive until rank 0 says every engine has loaded
     it (an engine's failure is raised on every rank). Engine memory: every rank has emptied its
-    allocator cache before the weights come back, and the KV cache returns after the new weights."""
+    allocator cache before the weights come back, and the KV cache returns after the new weights.
+    The loads run in one SGLang weight-update session."""
     from srpo_megatron.models.qwen3.exporter import export_hf_tensors
     from srpo_megatron.rollout.sglang_engine import serialize_tensors
-    from srpo_megatron.rollout.weight_sync.broadcast import WeightSyncError
     from srpo_megatron.rollout.weight_sync.buckets import iter_buckets
 
     if torch.cuda.is_available():
@@ -384,33 +384,27 @@ def _sync_colocated(actor: MegatronActor, fleet, hf_config: dict, bucket_bytes: 
     else:  # CPU engines: shared-memory files (fd passing needs a multiprocessing authkey we don't share)
         torch.multiprocessing.set_sharing_strategy("file_system")
     rank, world = dist.get_rank(), dist.get_world_size()
-    dist.barrier()
-    if rank == 0:
-        fleet.resume_weights()
-    num_bytes = 0
-    for bucket in iter_buckets(export_hf_tensors(actor.student, hf_config, every_tp_rank=True), bucket_bytes):
-        payloads = [None] * world if rank == 0 else None
-        dist.gather_object(serialize_tensors(bucket), payloads, dst=0)
-        status = [None]
-        if rank == 0:
-            try:
-                fleet.load_serialized(payloads)
-            except Exception as e:
-                status[0] = repr(e)
-                raise
-            finally:
-                dist.broadcast_object_list(status, src=0)
-        else:
-            dist.broadcast_object_list(status, src=0)
-            if status[0] is not None:
-                raise WeightSyncError(f"colocated weight sync failed on rank 0: {status[0]}")
-        num_bytes += sum(t.numel() * t.element_size() for _, t in bucket)
-        del bucket
-    if rank != 0:
-        return {}
-    fleet.flush_cache()
-    fleet.resume_rest()
-    return {"sync/bytes": float(num_bytes)}
+    # rank 0's engine calls each end in a broadcast of how they went: a failure there stops every rank
+    from_rank_0(
+        lambda: (fleet.resume_weights(), fleet.begin_weight_update()), "resuming the engines' weights"
+    )
+    num_bytes, loaded = 0, False
+    try:
+        for bucket in iter_buckets(
+            export_hf_tensors(actor.student, hf_config, every_tp_rank=True), bucket_bytes
+        ):
+            payloads = [None] * world if rank == 0 else None
+            dist.gather_object(serialize_tensors(bucket), payloads, dst=0)
+            # the bucket stays alive here until every engine has loaded it
+            from_rank_0(lambda: fleet.load_serialized(payloads), "colocated weight load")  # noqa: B023
+            num_bytes += sum(t.numel() * t.element_size() for _, t in bucket)
+            del bucket
+        loaded = True
+    finally:
+        if rank == 0 and not loaded:
+            fleet.end_weight_update(flush=False, quiet=True)
+    from_rank_0(lambda: (fleet.end_weight_update(), fleet.resume_rest()), "finishing the weight update")
+    return {"sync/bytes": float(num_bytes)} if rank == 0 else {}
 
 
 def _with_later_stages(stream, sources: list[int]):

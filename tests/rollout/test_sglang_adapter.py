@@ -182,7 +182,9 @@ def test_real_sglang_colocated_update_release_resume_generate(tmp_path):
     try:
         engine.release_memory()
         engine.resume_memory(tags=["weights"])
+        engine.begin_weight_update()
         engine.update_weights([(n, p.detach()) for n, p in target.named_parameters()])
+        engine.end_weight_update()
         engine.resume_memory(tags=[t for t in MEMORY_TAGS if t != "weights"])
         engine.flush_cache()
         batch = engine.generate([[5, 6, 7]], SamplingParams(n=2, temperature=1.0, max_new_tokens=8))

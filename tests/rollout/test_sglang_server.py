@@ -68,10 +68,16 @@ def test_http_engine_generates_and_reports_refusals(server):
         engine.update_weights([("model.norm.weight", torch.ones(16))])
     engine.resume_memory(["weights"])
     torch.multiprocessing.set_sharing_strategy("file_system")  # CPU tensors to a process not ours
+    with pytest.raises(WeightSyncError, match="must run between begin_weight_update"):
+        engine.update_weights([("model.norm.weight", torch.full((16,), 3.0))])
+    engine.begin_weight_update()
     engine.update_weights([("model.norm.weight", torch.full((16,), 3.0))])
     with pytest.raises(WeightSyncError, match="shape"):  # the engine's own error message, passed on
         engine.update_weights([("model.norm.weight", torch.ones(2))])
-    engine.resume_memory(None)
+    engine.end_weight_update()
+    with pytest.raises(EngineError, match="not released"):
+        engine.resume_memory(["weights"])
+    engine.resume_memory(["kv_cache", "cuda_graph"])
     engine.flush_cache()  # a plain-text answer
     held = dict(engine.client._post("weights_checksums"))
     assert held["model.norm.weight"][0] == pytest.approx(48.0)  # 16 x 3.0 arrived by shared memory

@@ -10,6 +10,7 @@ from srpo_megatron.rollout.weight_sync.buckets import (
     dtype_name,
     flatten_bucket,
     iter_buckets,
+    misaligned,
     unflatten_bucket,
 )
 from srpo_megatron.rollout.weight_sync.verify import compare_checksums, record_checksums, weight_checksums
@@ -70,6 +71,16 @@ def test_mixed_dtypes_round_trip_bitwise_through_the_flat_layout():
     assert allocate_bucket(meta, reuse=buffer[:10]).numel() == meta.nbytes  # too small: a new one
     with pytest.raises(ValueError, match="at least 118 bytes"):
         flatten_bucket(named, out=buffer[:100])
+
+
+def test_buckets_keep_every_tensor_aligned_for_its_dtype():
+    """SGLang refuses a flat bucket with a tensor at a byte offset its dtype does not divide."""
+    stream = [("a", torch.zeros(3, dtype=torch.bfloat16)), ("b", torch.zeros(2)), ("c", torch.zeros(2))]
+    buckets = list(iter_buckets(stream, bucket_bytes=1 << 20))
+    assert [[n for n, _ in b] for b in buckets] == [["a"], ["b", "c"]]  # b would start at byte 6
+    assert all(misaligned(flatten_bucket(b)[1]) is None for b in buckets)
+    _, meta = flatten_bucket(stream)  # built by hand, unaligned
+    assert misaligned(meta) == "unaligned tensor b: byte offset 6, dtype float32"
 
 
 def test_layout_errors_are_clear():

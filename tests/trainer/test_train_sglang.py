@@ -70,20 +70,22 @@ def test_colocated_engines_launched_by_the_trainer(tiny_run_inputs, tmp_path):
     assert len(logs) == 2
     for log in logs:
         calls = _calls(log)
-        # per step: generate, then memory off the GPUs for training, weights back, new weights
-        # loaded by IPC, the rest back; the prompts were split over the two engines (2 x 4 samples)
-        step = [
-            "generate 8 requests",
-            "release_memory_occupation weights,kv_cache,cuda_graph",
+        # memory off the GPUs until the first sync; every sync: weights back, the new ones loaded by
+        # IPC in one session, caches flushed, the rest back; every step generates (the prompts split
+        # over the two engines: 2 prompts x 4 samples each), then frees the GPUs for training
+        release = "release_memory_occupation weights,kv_cache,cuda_graph"
+        buckets = calls.index("end_weight_update ") - calls.index("begin_weight_update ") - 1
+        assert buckets >= 2  # rollout.bucket_mb=1
+        sync = [
             "resume_memory_occupation weights",
+            "begin_weight_update ",
+            *["update_weights_from_tensor "] * buckets,
+            "end_weight_update ",
+            "flush_cache ",
+            "resume_memory_occupation kv_cache,cuda_graph",
         ]
-        assert calls[0] == "update_weights_from_tensor "  # the initial sync: nothing released yet
-        i = calls.index("generate 8 requests")
-        assert calls[i : i + 3] == step
-        loads = calls[i + 3 : calls.index("flush_cache ", i)]
-        assert loads and set(loads) == {"update_weights_from_tensor "}
-        assert calls.count("generate 8 requests") == 2
-        assert calls[-1] == "resume_memory_occupation kv_cache,cuda_graph"
+        assert calls == [release, *sync] + ["generate 8 requests", release, *sync] * 2
+
     # the servers were stopped with the run, each holding exactly the trained weights
     trained = _checksums_of(tmp_path / "hf")
     for log in logs:

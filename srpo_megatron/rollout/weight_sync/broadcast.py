@@ -47,6 +47,7 @@ from srpo_megatron.rollout.weight_sync.buckets import (
     bucket_meta,
     flatten_bucket,
     iter_buckets,
+    misaligned,
     parse_dtype,
     unflatten_bucket,
 )
@@ -207,6 +208,7 @@ class BroadcastWeightSender:
         self.timeout_s = timeout_s
         self.device = device
         self.group: dist.ProcessGroup | None = None
+        self.failed = False
         # two flat send buffers, reused: one bucket in flight while the next is flattened
         self._buffers: list[torch.Tensor | None] = [None, None]
 
@@ -249,6 +251,13 @@ class BroadcastWeightSender:
         """
         if self.group is None:
             raise RuntimeError("call connect() before send()")
+        try:
+            return self._send(named_tensors, flattened)
+        except BaseException:
+            self.failed = True  # broadcasts may be left in flight: see close()
+            raise
+
+    def _send(self, named_tensors, flattened: bool) -> SyncStats:
         stats = SyncStats()
         start = time.perf_counter()
         in_flight = None
@@ -292,10 +301,12 @@ class BroadcastWeightSender:
         del payload  # the sent buffers may go now
 
     def close(self) -> None:
+        """Leave the group. After a failed send the group is only dropped: destroying it would wait
+        for broadcasts that the engines never joined."""
         self._buffers = [None, None]
-        if self.group is not None:
+        if self.group is not None and not self.failed:
             dist.destroy_process_group(self.group)
-            self.group = None
+        self.group = None
 
 
 class BroadcastWeightReceiver:
@@ -362,6 +373,8 @@ class BroadcastWeightReceiver:
         try:
             meta = BucketMeta(tuple(names), tuple(dtypes), tuple(tuple(s) for s in shapes))
             if load_format == FLATTENED_BUCKET:
+                if problem := misaligned(meta):  # as SGLang refuses it, before joining the broadcast
+                    return False, problem
                 flat = allocate_bucket(meta, self.device, reuse=self._buffer)
                 if self._buffer is None or flat.numel() > self._buffer.numel():
                     self._buffer = flat

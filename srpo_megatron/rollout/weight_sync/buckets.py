@@ -7,7 +7,9 @@ order with no padding; the receiver rebuilds tensor ``i`` from bytes ``[start_i,
 message alone, so only names / dtypes / shapes travel next to the bytes.
 
 Bucketing is greedy and streaming (the exporter yields one tensor at a time): a bucket is closed when
-the next tensor would push it past ``bucket_bytes``; a tensor larger than the limit travels alone.
+the next tensor would push it past ``bucket_bytes``, or would start at a byte offset that is not a
+multiple of its element size (SGLang 0.5.23 refuses such a bucket: ``FlattenedTensorBucket.empty``);
+a tensor larger than the limit travels alone.
 """
 
 from collections.abc import Iterable, Iterator, Sequence
@@ -63,7 +65,8 @@ def iter_buckets(
 ) -> Iterator[list[tuple[str, torch.Tensor]]]:
     """Group a stream of ``(name, tensor)`` into lists of at most ``bucket_bytes`` bytes each.
 
-    Order is kept. A tensor larger than ``bucket_bytes`` gets a bucket of its own. Empty input
+    Order is kept. A tensor larger than ``bucket_bytes`` gets a bucket of its own; every tensor
+    starts at an offset aligned for its dtype. Empty input
     yields nothing. Duplicate names are an error (the receiver would load one twice).
     """
     if bucket_bytes <= 0:
@@ -76,7 +79,7 @@ def iter_buckets(
             raise ValueError(f"tensor {name!r} appears twice in the weight stream")
         seen.add(name)
         nbytes = tensor.numel() * tensor.element_size()
-        if bucket and size + nbytes > bucket_bytes:
+        if bucket and (size + nbytes > bucket_bytes or size % tensor.element_size()):
             yield bucket
             bucket, size = [], 0
         bucket.append((name, tensor))
@@ -142,3 +145,14 @@ def unflatten_bucket(flat: torch.Tensor, meta: BucketMeta) -> list[tuple[str, to
         out.append((name, chunk.view(dtype).reshape(shape)))
         start = end
     return out
+
+
+def misaligned(meta: BucketMeta) -> str | None:
+    """The first tensor of a flat bucket whose byte offset is not a multiple of its element size
+    (what SGLang's receiver refuses), or None."""
+    offset = 0
+    for name, shape, dtype in zip(meta.names, meta.shapes, meta.dtypes, strict=True):
+        if offset % parse_dtype(dtype).itemsize:
+            return f"unaligned tensor {name}: byte offset {offset}, dtype {dtype}"
+        offset += tensor_nbytes(shape, dtype)
+    return None
