@@ -3,23 +3,21 @@ HF tensors into TP shards then merging the shards back is the identity, padding 
 
 import pytest
 import torch
+from tiny_qwen3 import TINY_QWEN3
 
 from srpo_megatron.models.qwen3.config import Qwen3Arch
 from srpo_megatron.models.qwen3.mapping import hf_tensor_shapes, map_params, merge_shards, read_shard
 from srpo_megatron.models.vocab import mask_padded_vocab, padded_vocab_size
 
-HF_CONFIG = dict(
-    model_type="qwen3",
-    architectures=["Qwen3ForCausalLM"],
-    vocab_size=1100,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=8,
-    num_key_value_heads=4,
-    head_dim=24,
-    tie_word_embeddings=False,
-)
+HF_CONFIG = {
+    **TINY_QWEN3,
+    "model_type": "qwen3",
+    "architectures": ["Qwen3ForCausalLM"],
+    "vocab_size": 1100,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 4,
+    "tie_word_embeddings": False,
+}
 LOCAL_LAYER = [
     "input_layernorm.weight",
     "self_attention.linear_qkv.weight",

@@ -3,6 +3,7 @@ tensors, and parameter counts of the real 4B/8B shapes built on the meta device.
 
 import pytest
 import torch
+from tiny_qwen3 import tiny_qwen3_config
 
 from srpo_megatron.runtime.distributed import ParallelLayout
 from srpo_megatron.runtime.launch import run_distributed
@@ -12,20 +13,14 @@ VOCAB, BATCH, SEQ = 1100, 3, 16  # 1100: not a multiple of 128 * tp; padded to 1
 
 def make_hf_model(hf_dir, *, tied: bool, num_layers: int = 4, max_shard_size: str | None = None):
     """A tiny random fp32 Qwen3 (head_dim 24 != 64 / 4 heads; 2 KV groups) saved as safetensors."""
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+    from transformers import Qwen3ForCausalLM
 
-    config = Qwen3Config(
+    config = tiny_qwen3_config(
         vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
         num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=24,
         tie_word_embeddings=tied,
         rope_theta=100_000.0,
         rms_norm_eps=1e-6,
-        max_position_embeddings=256,
         dtype="float32",
         architectures=["Qwen3ForCausalLM"],
     )

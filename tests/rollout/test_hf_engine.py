@@ -3,23 +3,14 @@ strict weight loading."""
 
 import pytest
 import torch
+from tiny_qwen3 import TINY_QWEN3
 
 from srpo_megatron.rollout.engine import SamplingParams
 from srpo_megatron.rollout.hf_engine import HFEngine, sample_top_p
 from srpo_megatron.rollout.weight_sync.tensor import sync_weights_in_process
 from srpo_megatron.rollout.weight_sync.verify import compare_checksums, weight_checksums
 
-TINY = dict(
-    vocab_size=1000,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=24,
-    max_position_embeddings=256,
-    tie_word_embeddings=True,
-)
+TINY = {**TINY_QWEN3, "tie_word_embeddings": True}
 PROMPTS = [[5, 6, 7], [1, 2, 3, 4, 5, 9], [42]]
 
 

@@ -6,6 +6,7 @@ import time
 
 import pytest
 import torch
+from tiny_qwen3 import tiny_qwen3_config
 
 from srpo_megatron.rollout.engine import SamplingParams
 from srpo_megatron.rollout.sglang_engine import (
@@ -162,18 +163,9 @@ def test_missing_sglang_says_what_to_do():
 def test_real_sglang_colocated_update_release_resume_generate(tmp_path):
     """One GPU: a tiny random Qwen3 saved as HF, served by sglang.Engine; new weights through
     update_weights_from_tensor must change the engine's log-probs to the HF model's."""
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+    from transformers import Qwen3ForCausalLM
 
-    config = Qwen3Config(
-        vocab_size=1000,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=24,
-        max_position_embeddings=256,
-    )
+    config = tiny_qwen3_config()
     torch.manual_seed(0)
     Qwen3ForCausalLM(config).save_pretrained(tmp_path)
     torch.manual_seed(1)

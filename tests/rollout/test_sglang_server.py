@@ -3,6 +3,7 @@
 
 import pytest
 import torch
+from tiny_qwen3 import tiny_qwen3_config
 
 from srpo_megatron.rollout.engine import SamplingParams
 from srpo_megatron.rollout.sglang_engine import EngineError, SGLangEngine
@@ -39,12 +40,9 @@ def server(tiny_model_dir, tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+    from transformers import Qwen3ForCausalLM
 
-    config = Qwen3Config(
-        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-        num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=64,
-    )  # fmt: skip
+    config = tiny_qwen3_config()
     path = tmp_path_factory.mktemp("tiny_model")
     torch.manual_seed(0)
     Qwen3ForCausalLM(config).save_pretrained(path)
@@ -65,13 +63,13 @@ def test_http_engine_generates_and_reports_refusals(server):
     with pytest.raises(
         WeightSyncError, match="refused update_weights_from_tensor: memory \\['weights'\\] is released"
     ):
-        engine.update_weights([("model.norm.weight", torch.ones(16))])
+        engine.update_weights([("model.norm.weight", torch.ones(64))])
     engine.resume_memory(["weights"])
     torch.multiprocessing.set_sharing_strategy("file_system")  # CPU tensors to a process not ours
     with pytest.raises(WeightSyncError, match="must run between begin_weight_update"):
-        engine.update_weights([("model.norm.weight", torch.full((16,), 3.0))])
+        engine.update_weights([("model.norm.weight", torch.full((64,), 3.0))])
     engine.begin_weight_update()
-    engine.update_weights([("model.norm.weight", torch.full((16,), 3.0))])
+    engine.update_weights([("model.norm.weight", torch.full((64,), 3.0))])
     with pytest.raises(WeightSyncError, match="shape"):  # the engine's own error message, passed on
         engine.update_weights([("model.norm.weight", torch.ones(2))])
     engine.end_weight_update()
@@ -80,7 +78,7 @@ def test_http_engine_generates_and_reports_refusals(server):
     engine.resume_memory(["kv_cache", "cuda_graph"])
     engine.flush_cache()  # a plain-text answer
     held = dict(engine.client._post("weights_checksums"))
-    assert held["model.norm.weight"][0] == pytest.approx(48.0)  # 16 x 3.0 arrived by shared memory
+    assert held["model.norm.weight"][0] == pytest.approx(192.0)  # 64 x 3.0 arrived by shared memory
 
 
 def test_server_that_dies_at_start_is_an_error_with_its_log(tmp_path):

@@ -10,6 +10,7 @@ import pickle
 import pytest
 import torch
 import torch.distributed as dist
+from tiny_qwen3 import TINY_QWEN3
 
 from srpo_megatron.rollout.weight_sync.broadcast import (
     BroadcastWeightReceiver,
@@ -21,17 +22,7 @@ from srpo_megatron.rollout.weight_sync.loopback import LoopbackEngineHandle, ser
 from srpo_megatron.runtime.distributed import find_free_port
 from srpo_megatron.runtime.launch import run_distributed
 
-TINY = dict(
-    vocab_size=1000,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=4,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=24,
-    max_position_embeddings=256,
-    tie_word_embeddings=False,
-)
+TINY = {**TINY_QWEN3, "num_hidden_layers": 4, "tie_word_embeddings": False}
 
 
 def tiny_hf_model(seed: int, **overrides):

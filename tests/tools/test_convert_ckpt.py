@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from tiny_qwen3 import tiny_qwen3_config
 
 from srpo_megatron.models.qwen3.config import Qwen3Arch
 from srpo_megatron.models.qwen3.convert import hf_to_mcore
@@ -22,20 +23,14 @@ VOCAB = 1100
 
 
 def make_hf_model(hf_dir, *, tied: bool, max_shard_size: str | None = None):
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+    from transformers import Qwen3ForCausalLM
 
-    config = Qwen3Config(
+    config = tiny_qwen3_config(
         vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
         num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=24,
         tie_word_embeddings=tied,
         rope_theta=1_000_000.0,
         rms_norm_eps=1e-6,
-        max_position_embeddings=256,
         eos_token_id=7,
         dtype="float32",
         architectures=["Qwen3ForCausalLM"],
