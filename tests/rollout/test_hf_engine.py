@@ -78,6 +78,19 @@ def test_top_p_keeps_the_smallest_set_reaching_p_and_renormalises():
     assert int(t) == 0 and float(logp) == pytest.approx(0.0, abs=1e-6)
 
 
+def test_logp_is_exact_on_a_peaked_distribution_over_a_large_vocabulary():
+    """A confident model over Qwen3's 151,936 tokens: the sampled token's log-prob must keep the
+    tail mass (torch's fp32 CPU log_softmax was 1.6e-4 off here, the train/rollout gap we saw)."""
+    logits = (
+        torch.full((4, 151936), -18.0)
+        + torch.randn(4, 151936, generator=torch.Generator().manual_seed(0)) * 0.5
+    )
+    logits[:, 5] = 0.0  # tail mass about 2.6e-3
+    token, logp = sample_top_p(logits, 1.0, 1.0, torch.Generator().manual_seed(0))
+    exact = torch.log_softmax(logits.double(), -1).gather(-1, token[:, None])[:, 0]
+    assert (logp.double() - exact).abs().max() < 2e-6
+
+
 def test_update_weights_is_strict_and_makes_engines_identical(engine):
     other = HFEngine(tiny_model(1))
     stats = sync_weights_in_process(engine.named_weights(), [other], bucket_bytes=50_000)

@@ -61,7 +61,7 @@ def train_in_ranks(overrides: list[str], check_export: bool = False, poison_loss
         hf_logp = []
         for p, r in zip(prompts, responses, strict=True):
             logits = exported(torch.tensor([p + r])).logits[0, len(p) - 1 : -1]  # positions predicting r
-            hf_logp.append(torch.log_softmax(logits.float(), -1).gather(-1, torch.tensor(r)[:, None])[:, 0])
+            hf_logp.append(torch.log_softmax(logits.double(), -1).gather(-1, torch.tensor(r)[:, None])[:, 0])
         out["export_gap"] = (torch.cat(hf_logp) - actor_logp).abs().max().item()
     return out
 
