@@ -8,8 +8,9 @@ sglang_fleet.py   SGLangFleet: the run's replicas from one rank (generate, load 
 metrics.py        train-vs-rollout log-prob gap on the sampled tokens
 weight_sync/      Megatron shards -> HF-named buckets -> engines (see its docstring)
 
-How the trainer drives them: ``trainer/rollouts.py`` (``make_engine``, ``generate_rollouts``,
-``sync_weights``). Global rank 0 holds the engine(s); the weights reach them
+How the trainer drives them: ``trainer/engines.py`` (``make_engine``, ``sync_weights``) and
+``trainer/rollouts.py`` (``generate_rollouts``). Global rank 0 holds the engine(s); the weights
+reach them
   HF engine:              rank 0's stream (later pipeline stages send theirs to rank 0) in process;
   SGLang disaggregated:   that stream broadcast by rank 0 in the engines' weight-update group
                           (``BroadcastWeightSender``, flattened buckets);

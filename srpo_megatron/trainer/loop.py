@@ -30,15 +30,10 @@ from srpo_megatron.trainer.checkpoint import (
     save_checkpoint,
     truncate_metrics,
 )
+from srpo_megatron.trainer.engines import make_engine, sync_weights
 from srpo_megatron.trainer.evaluation import BestWithinBudget, evaluate, load_eval_prompts
 from srpo_megatron.trainer.metrics import MetricsLogger, PhaseTimer
-from srpo_megatron.trainer.rollouts import (
-    StepRollouts,
-    generate_rollouts,
-    make_engine,
-    stop_token_ids,
-    sync_weights,
-)
+from srpo_megatron.trainer.rollouts import StepRollouts, generate_rollouts, stop_token_ids
 from srpo_megatron.trainer.setup import load_training_data
 
 
