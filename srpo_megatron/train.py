@@ -25,6 +25,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
         "--dry-run", action="store_true", help="validate, build on meta, print the plan, exit"
     )
     parser.add_argument("--world-size", type=int, default=None, help="ranks to plan for with --dry-run")
+    parser.add_argument(
+        "--gpu-memory-gib", type=float, default=80.0, help="GPU memory to plan for with --dry-run"
+    )
     args, overrides = parser.parse_known_args(argv)
     unknown = [o for o in overrides if "=" not in o]
     if unknown:
@@ -32,7 +35,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     return args, overrides
 
 
-def dry_run(cfg: Config, world_size: int) -> None:
+def dry_run(cfg: Config, world_size: int, gpu_memory_gib: float = 80.0) -> None:
     import torch
 
     from srpo_megatron.models.qwen3.config import load_hf_config
@@ -70,8 +73,38 @@ def dry_run(cfg: Config, world_size: int) -> None:
         f"{cfg.train.mini_batch_prompts} prompts, {cfg.train.total_steps} steps\n"
         f"algorithm: {cfg.algorithm.variant}; rollouts: {_engine_plan(cfg, local_world_size)}\n"
         f"output: {cfg.output_dir}\n"
+        f"{_memory_plan(cfg, per_rank, dp, gpu_memory_gib)}\n"
         "dry run OK"
     )
+
+
+def _memory_plan(cfg: Config, params_per_rank: float, dp: int, gpu_memory_gib: float) -> str:
+    """What stays on each GPU for the whole run (an estimate: activations come on top): the actor's
+    params, its fp32 grad buffer, Adam's states (fp32 master params with bf16) sharded over data
+    parallel by Megatron's distributed optimizer, and the EMA teacher unless offloaded. Colocated
+    engines add rollout.mem_fraction of the GPU while they generate."""
+    bf16 = cfg.model.dtype == "bfloat16"
+    param_bytes = 2 if bf16 else 4
+    optimizer_bytes = (12 if bf16 else 8) / dp
+    teacher_bytes = 0 if cfg.model.teacher_offload else param_bytes
+    gib = params_per_rank / 2**30
+    actor = gib * (param_bytes + 4 + optimizer_bytes)
+    teacher = gib * teacher_bytes
+    line = (
+        f"memory per GPU (estimate): actor {actor:.1f} GiB (params, fp32 grads, Adam over dp {dp}), "
+        f"EMA teacher {teacher:.1f} GiB" + (" (offloaded)" if cfg.model.teacher_offload else "")
+    )
+    r = cfg.rollout
+    if r.engine == "sglang" and r.mode == "colocated":
+        engines = r.mem_fraction * gpu_memory_gib
+        left = gpu_memory_gib - engines - actor - teacher
+        line += (
+            f"; while generating, the engines' rollout.mem_fraction={r.mem_fraction:g} takes {engines:.1f} "
+            f"of {gpu_memory_gib:g} GiB, leaving {left:.1f} GiB for their activations and CUDA graphs"
+        )
+        if left < 0.1 * gpu_memory_gib:
+            line += " (tight: lower rollout.mem_fraction or set model.teacher_offload=true)"
+    return line
 
 
 def _engine_plan(cfg: Config, local_world_size: int) -> str:
@@ -98,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.dry_run:
         if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one rank plans for all
-            dry_run(cfg, args.world_size or int(os.environ.get("WORLD_SIZE", "1")))
+            dry_run(cfg, args.world_size or int(os.environ.get("WORLD_SIZE", "1")), args.gpu_memory_gib)
         return 0
     from srpo_megatron.runtime.distributed import destroy_distributed
     from srpo_megatron.trainer.loop import train
