@@ -10,7 +10,8 @@ Re-read these when sglang is upgraded. What we use:
   input with ``output_ids`` and ``meta_info`` (``output_token_logprobs``: ``(logprob, token_id,
   text)`` per generated token, temperature applied unless ``SGLANG_RETURN_ORIGINAL_LOGPROB`` is
   set; ``finish_reason``: ``{"type": "stop" | "length", ...}``). No ``sampling_seed``: the default
-  flashinfer sampling backend asserts that none is given;
+  flashinfer sampling backend asserts that none is given. With top_p < 1 the log-probs are of the
+  distribution before the top-p cut (the HF engine's after it): SRPO rollouts sample at top_p 1;
 - ``init_weights_update_group(master_address, master_port, rank_offset, world_size, group_name,
   backend)`` and ``update_weights_from_distributed(names, dtypes, shapes, group_name, flush_cache,
   load_format)`` (disaggregated; protocol in ``weight_sync/broadcast.py``);
@@ -259,18 +260,21 @@ class SGLangEngine:
     def submit(self, method: str, **kwargs: Any) -> Future:
         return self._worker.submit(getattr(self.client, method), **kwargs)
 
-    def call(self, method: str, **kwargs: Any) -> Any:
+    def call(self, method: str, *, timeout_s: float | None = None, **kwargs: Any) -> Any:
+        timeout_s = timeout_s or self.timeout_s
         try:
-            return self.submit(method, **kwargs).result(timeout=self.timeout_s)
+            return self.submit(method, **kwargs).result(timeout=timeout_s)
         except FutureTimeout:
             raise EngineError(
-                f"engine {self.name!r}: {method} did not return within {self.timeout_s:g} s"
+                f"engine {self.name!r}: {method} did not return within {timeout_s:g} s"
             ) from None
         except Exception as e:
             raise EngineError(f"engine {self.name!r}: {method} failed: {e!r}") from e
 
-    def _checked(self, method: str, error: type[Exception] = EngineError, **kwargs: Any) -> None:
-        ok, message = as_result(self.call(method, **kwargs))
+    def _checked(
+        self, method: str, error: type[Exception] = EngineError, timeout_s: float | None = None, **kwargs: Any
+    ) -> None:
+        ok, message = as_result(self.call(method, timeout_s=timeout_s, **kwargs))
         if not ok:
             raise error(f"engine {self.name!r} refused {method}: {message}")
 
@@ -333,8 +337,8 @@ class SGLangEngine:
     def begin_weight_update(self) -> None:
         self._checked("begin_weight_update", WeightSyncError)
 
-    def end_weight_update(self) -> None:
-        self._checked("end_weight_update", WeightSyncError)
+    def end_weight_update(self, timeout_s: float | None = None) -> None:
+        self._checked("end_weight_update", WeightSyncError, timeout_s=timeout_s)
 
     def flush_cache(self) -> None:
         self._checked("flush_cache")

@@ -33,6 +33,8 @@ from srpo_megatron.rollout.sglang_engine import MEMORY_TAGS, WEIGHTS_TAG, SGLang
 from srpo_megatron.rollout.sglang_server import ServerProcess
 from srpo_megatron.rollout.weight_sync.broadcast import BroadcastWeightSender, GroupAddress, SyncStats
 
+CLEANUP_TIMEOUT_S = 30.0
+
 
 class SGLangFleet:
     """engines: one ``SGLangEngine`` per replica. sync_address: where the weight-update group meets
@@ -66,7 +68,11 @@ class SGLangFleet:
         self._pool = ThreadPoolExecutor(max_workers=len(self.engines), thread_name_prefix="fleet")
 
     def connect(self) -> None:
-        """Disaggregated: every engine joins this rank's weight-update group (once per run)."""
+        """Once per run. Servers started by someone else may hold a weight-update session that a
+        crashed run left open: closed quietly. Disaggregated: every engine joins this rank's
+        weight-update group."""
+        if not self.servers:
+            self._end(self.engines, quiet=True)
         if self.sender is not None:
             self.sender.connect()
 
@@ -118,12 +124,17 @@ class SGLangFleet:
 
     @staticmethod
     def _end(engines, quiet: bool) -> None:
+        """End every engine's session (an engine left with one refuses the next begin), then raise
+        the first error unless quiet (clean-up after a failed load: that error is the one to report,
+        and a stuck engine gets a short deadline)."""
+        errors = []
         for engine in engines:
             try:
-                engine.end_weight_update()
-            except Exception:
-                if not quiet:
-                    raise
+                engine.end_weight_update(timeout_s=CLEANUP_TIMEOUT_S if quiet else None)
+            except Exception as e:
+                errors.append(e)
+        if errors and not quiet:
+            raise errors[0]
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> SyncStats:
         """Disaggregated: the whole model as a stream of HF-named full tensors, broadcast to every

@@ -48,6 +48,18 @@ def find_free_port() -> int:
         return sock.getsockname()[1]
 
 
+_HOST_GROUP: dist.ProcessGroup | None = None  # gloo over the whole world: see host_group()
+
+
+def host_group() -> dist.ProcessGroup:
+    """The whole world on gloo: for ranks that wait on rank 0's engine calls. Waiting in an NCCL
+    collective would keep a polling kernel on the GPU, which colocated engines share; on gloo the
+    wait is on the CPU."""
+    if _HOST_GROUP is None:
+        raise RuntimeError("init_distributed() first")
+    return _HOST_GROUP
+
+
 def init_distributed(
     layout: ParallelLayout = ParallelLayout(),
     *,
@@ -77,6 +89,9 @@ def init_distributed(
             world_size=world_size,
             timeout=datetime.timedelta(minutes=timeout_minutes),
         )
+    global _HOST_GROUP
+    if _HOST_GROUP is None:  # every rank, once, in the same order as the other groups
+        _HOST_GROUP = dist.new_group(backend="gloo", timeout=datetime.timedelta(minutes=timeout_minutes))
     layout.data_parallel_size(dist.get_world_size())  # validates before Megatron asserts
     torch.manual_seed(seed)
     if not megatron:
@@ -103,6 +118,8 @@ def destroy_distributed() -> None:
             parallel_state.destroy_model_parallel()
     except ImportError:
         pass
+    global _HOST_GROUP
+    _HOST_GROUP = None
     if dist.is_initialized():
         dist.destroy_process_group()
 
@@ -127,14 +144,14 @@ def from_rank_0(fn, what: str):
     """``fn()`` on global rank 0, its (picklable) result on every rank. An exception on rank 0 is
     raised on every rank, rank 0's own there and a RuntimeError quoting it elsewhere, so that no
     rank is left waiting in a collective that rank 0 never enters (the engine calls of the trainer
-    run on rank 0 alone)."""
+    run on rank 0 alone). The others wait on the CPU (``host_group``)."""
     box, error = [None], None
     if dist.get_rank() == 0:
         try:
             box[0] = ("ok", fn())
         except Exception as e:
             error, box[0] = e, ("error", f"{type(e).__name__}: {e}")
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, group=host_group())
     if error is not None:
         raise error
     status, value = box[0]

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from srpo_megatron.config import Config
-from srpo_megatron.runtime.distributed import find_free_port, from_rank_0, get_device
+from srpo_megatron.runtime.distributed import find_free_port, from_rank_0, get_device, host_group
 from srpo_megatron.trainer.actor import MegatronActor
 
 
@@ -166,13 +166,14 @@ def _sync_colocated(actor: MegatronActor, fleet, hf_config: dict, bucket_bytes: 
     """Colocated SGLang (PP = 1, engines covering the training GPUs rank for rank): every rank
     exports the full tensors (each data-parallel replica runs the TP all-gathers), and per bucket
     serialises CUDA IPC handles of its own copy; rank 0 gathers the handles and hands engine ``i``
-    those of its GPUs. The ranks keep their bucket alive until rank 0 says every engine has loaded
-    it (an engine's failure is raised on every rank). Engine memory: every rank has emptied its
+    those of its GPUs. A rank frees its copy once rank 0 says every engine has loaded it (an
+    engine's failure is raised on every rank); torch's IPC reference counting keeps the memory
+    from reuse until the engine's copies are done. Engine memory: every rank has emptied its
     allocator cache before the weights come back, and the KV cache returns after the new weights.
     The loads run in one SGLang weight-update session."""
     from srpo_megatron.models.qwen3.exporter import export_hf_tensors
     from srpo_megatron.rollout.sglang_engine import serialize_tensors
-    from srpo_megatron.rollout.weight_sync.buckets import iter_buckets
+    from srpo_megatron.rollout.weight_sync.buckets import flatten_bucket, iter_buckets, unflatten_bucket
 
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -188,12 +189,17 @@ def _sync_colocated(actor: MegatronActor, fleet, hf_config: dict, bucket_bytes: 
         for bucket in iter_buckets(
             export_hf_tensors(actor.student, hf_config, every_tp_rank=True), bucket_bytes
         ):
+            # a fresh copy, one buffer per bucket: one IPC handle per bucket, and never a handle
+            # on the parameters themselves (replicated ones are exported as they are; torch's IPC
+            # bookkeeping on a storage lives as long as the storage)
+            flat, meta = flatten_bucket(bucket)
             payloads = [None] * world if rank == 0 else None
-            dist.gather_object(serialize_tensors(bucket), payloads, dst=0)
-            # the bucket stays alive here until every engine has loaded it
+            dist.gather_object(
+                serialize_tensors(unflatten_bucket(flat, meta)), payloads, dst=0, group=host_group()
+            )
             from_rank_0(lambda: fleet.load_serialized(payloads), "colocated weight load")  # noqa: B023
-            num_bytes += sum(t.numel() * t.element_size() for _, t in bucket)
-            del bucket
+            num_bytes += meta.nbytes
+            del bucket, flat
         loaded = True
     finally:
         if rank == 0 and not loaded:

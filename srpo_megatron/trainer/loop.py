@@ -167,8 +167,14 @@ def _start_engine(cfg: Config, tokenizer):
 
     def start() -> None:
         nonlocal engine
-        engine = make_engine(cfg, tokenizer)
-        engine.release_memory()
+        started = make_engine(cfg, tokenizer)
+        try:
+            started.release_memory()
+        except BaseException:
+            if hasattr(started, "shutdown"):
+                started.shutdown()
+            raise
+        engine = started
 
     from_rank_0(start, "starting the rollout engine")
     return engine

@@ -60,6 +60,14 @@ class FakeEngine:
     def resume_memory_occupation(self, tags=None):
         self.calls.append(("resume", tags))
 
+    def begin_weight_update(self, selector="all"):
+        self.calls.append(("begin",))
+        return self.answer
+
+    def end_weight_update(self):
+        self.calls.append(("end",))
+        return self.answer
+
     def shutdown(self):
         raise ConnectionRefusedError("engine process is gone")
 
@@ -135,6 +143,16 @@ def test_fleet_splits_prompts_over_engines_and_tracks_released_memory():
     assert [f.calls[-1][1]["serialized_named_tensors"] for f in wide] == [["gpu0", "gpu1"], ["gpu2", "gpu3"]]
     with pytest.raises(ValueError, match="3 payloads for 2 engines x TP 2"):
         fleet.load_serialized(["gpu0", "gpu1", "gpu2"])
+    # every session is closed even when one engine refuses; the first refusal is raised
+    refusing, fine = FakeEngine(answer=(False, "no session open")), FakeEngine()
+    fleet = SGLangFleet(
+        [SGLangEngine(refusing, name="r"), SGLangEngine(fine)], colocated=True, bucket_bytes=1
+    )
+    with pytest.raises(WeightSyncError, match="'r' refused end_weight_update: no session open"):
+        fleet.end_weight_update(flush=False)
+    assert refusing.calls == [("end",)] and fine.calls == [("end",)]
+    fleet.connect()  # servers started elsewhere: a session left open by a crashed run is closed, quietly
+    assert refusing.calls == [("end",)] * 2 and fine.calls == [("end",)] * 2
     with pytest.raises(ValueError, match="disaggregated engines need a sync_address"):
         SGLangFleet([SGLangEngine(FakeEngine())], colocated=False, bucket_bytes=1)
 
