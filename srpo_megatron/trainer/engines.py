@@ -180,6 +180,7 @@ def _sync_colocated(actor: MegatronActor, fleet, hf_config: dict, bucket_bytes: 
     else:  # CPU engines: shared-memory files (fd passing needs a multiprocessing authkey we don't share)
         torch.multiprocessing.set_sharing_strategy("file_system")
     rank, world = dist.get_rank(), dist.get_world_size()
+    dist.barrier(group=host_group())  # every rank is done training and has emptied its cache
     # rank 0's engine calls each end in a broadcast of how they went: a failure there stops every rank
     from_rank_0(
         lambda: (fleet.resume_weights(), fleet.begin_weight_update()), "resuming the engines' weights"
