@@ -48,9 +48,7 @@ def _start_sglang(cfg: Config):
         else:
             log_dir = cfg.output_dir / "sglang"
             servers = [launch_server(spec, log_dir) for spec in _server_specs(cfg)]
-            gpus = ", ".join(
-                f"GPUs {s.spec.base_gpu_id}-{s.spec.base_gpu_id + r.engine_tp - 1}" for s in servers
-            )
+            gpus = ", ".join(_gpu_range(s.spec.base_gpu_id, r.engine_tp) for s in servers)
             print(f"SGLang: starting {len(servers)} engine(s), {r.mode}, on {gpus}; logs in {log_dir}")
             wait_until_healthy(servers, r.startup_timeout_s)
             urls = [s.url for s in servers]
@@ -76,6 +74,10 @@ def _start_sglang(cfg: Config):
             server.stop()
         raise
     return fleet
+
+
+def _gpu_range(first: int, count: int) -> str:
+    return f"GPU {first}" if count == 1 else f"GPUs {first}-{first + count - 1}"
 
 
 def _server_specs(cfg: Config):
