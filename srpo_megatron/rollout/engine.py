@@ -7,8 +7,9 @@ is the last response token; ``"length"``: ``max_new_tokens`` ran out).
 
 Weights arrive as a stream of HF-named full tensors: in-process (``update_weights``, the colocated
 path and the HF engine) or by NCCL broadcast (``weight_sync/broadcast.py``, SGLang disaggregated).
-``release_memory`` / ``resume_memory`` free the engine's GPU memory around training where the
-engine supports it (SGLang colocated); elsewhere they do nothing.
+``release_memory`` frees the engine's GPU memory for training where the engine supports it (SGLang
+colocated, which ``SGLangFleet`` brings back around the next weight sync); elsewhere it does
+nothing.
 """
 
 from collections.abc import Iterable, Sequence
@@ -80,5 +81,3 @@ class RolloutEngine(Protocol):
         ...
 
     def release_memory(self) -> None: ...
-
-    def resume_memory(self) -> None: ...

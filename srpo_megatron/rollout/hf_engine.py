@@ -144,6 +144,3 @@ class HFEngine:
 
     def release_memory(self) -> None:
         """Nothing to release: the HF engine keeps its weights (CPU / debug use)."""
-
-    def resume_memory(self) -> None:
-        pass

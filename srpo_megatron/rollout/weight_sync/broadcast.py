@@ -22,7 +22,8 @@ that stage's tensors) owns one weight-update group, ``f"{group_name}_pp{stage}"`
 ``master_port + stage``, and sends its own layers; engines join one group per stage (SGLang keeps a
 dict of groups by name). Nothing funnels through one rank, and no rank holds more than one bucket.
 An engine serves update requests one at a time, so stages take turns at each engine while
-their senders prepare the next bucket in parallel.
+their senders prepare the next bucket in parallel. (The trainer does not use per-stage groups yet:
+it funnels later stages to rank 0 and sends everything from one group, ``trainer/engines.py``.)
 
 ``BroadcastWeightReceiver`` is the engine side of that protocol in plain torch: the CPU/gloo tests
 run it in another process in front of an HF model, which is how we know the messages and byte

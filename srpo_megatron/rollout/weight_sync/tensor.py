@@ -1,17 +1,9 @@
-"""In-process weight sync: hand buckets of HF-named tensors to engines in this process.
+"""In-process weight sync: hand buckets of HF-named tensors to engines held by this process.
 
-The colocated path (SGLang on the training GPUs: ``update_weights_from_tensor`` passes CUDA IPC
-handles, no copy through the host) and the HF engine's path. One call per bucket, not per tensor;
-the KV cache is flushed once at the end. Colocated SGLang around training, per step::
-
-    engine.release_memory()                  # before the train step: weights + KV cache freed
-    ... train ...
-    engine.resume_memory(tags=["weights"])   # weights back (stale), KV cache still free
-    sync_weights_in_process(export_hf_tensors(model, hf_config), [engine])
-    engine.resume_memory(tags=["kv_cache"])  # then generate
-
-Run it on the rank that holds the engine handle and receives the stage's tensors (the exporter's
-source ranks; with PP > 1 each stage's source sends its own layers to the same engines).
+The HF engine's path (the trainer's ``sync_weights`` on rank 0, ``trainer/engines.py``). One call
+per bucket, not per tensor; the KV cache is flushed once at the end where the engine has one.
+Colocated SGLang does not come through here: every rank hands its own GPU's copy to its engine
+rank (``trainer/engines.py: _sync_colocated``).
 """
 
 import time
