@@ -73,6 +73,7 @@ class MegatronActor:
             build_qwen3_model,
             hf_config,
             params_dtype=dtype,
+            transformer_impl=cfg.model.transformer_impl,
             make_vocab_size_divisible_by=cfg.model.make_vocab_size_divisible_by,
             init_weights=False,
             calculate_per_token_loss=True,
@@ -124,6 +125,22 @@ class MegatronActor:
             wd_incr_steps=max(optimizer_steps, 1),
             wd_incr_style="constant",
         )
+
+    def load_optimizer_state(self, state: dict) -> None:
+        """Megatron's optimizer state from a checkpoint (``optimizer.sharded_state_dict`` loaded)."""
+        with torch.no_grad():  # fp32 main parameters are views of the (grad-requiring) parameters
+            self.optimizer.load_state_dict(state)
+        # megatron-core 0.19.2 without apex / TE (DistributedOptimizer.load_state_dict, dp_reshardable)
+        # restores torch Adam's per-parameter "step" as 0 (the bias correction of a fresh start), after
+        # first handing every parameter one shared tensor that foreach Adam would bump once per
+        # parameter. The group's "step" holds the saved count: give each parameter its own copy.
+        for opt in self.optimizer.chained_optimizers:
+            adam = opt.optimizer
+            if not isinstance(adam, torch.optim.Adam):  # TE's / apex's FusedAdam: a step per group
+                continue
+            for group in adam.param_groups:
+                for param in group["params"]:
+                    adam.state[param]["step"] = torch.tensor(float(group["step"]))
 
     @property
     def student(self) -> torch.nn.Module:

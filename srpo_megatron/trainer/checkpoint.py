@@ -181,7 +181,7 @@ def load_checkpoint(path: Path, cfg: Config, actor, dataset, routing_rng) -> tup
         loaded = dist_checkpointing.load(_sharded_state(actor, is_loading=True), str(path / MODEL_DIR))
         _load_module(actor.student, loaded["model"], "")
         _load_module(actor.teacher, loaded["teacher"], TEACHER_PREFIX)
-    actor.optimizer.load_state_dict(loaded["optimizer"])
+    actor.load_optimizer_state(loaded["optimizer"])
     actor.ema.load_state_dict(torch.load(path / "teacher_fp32" / f"rank_{dist.get_rank():05d}.pt"))
     actor.scheduler.load_state_dict(state["scheduler"])
     dataset.load_state_dict(state["data"])

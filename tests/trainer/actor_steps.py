@@ -50,3 +50,19 @@ def train_steps_in_ranks(overrides: list[str], steps: int):
             out["teacher"].append({n: p.detach().clone() for n, p in actor.teacher.named_parameters()})
     out["grad"] = _gather_full(actor, lambda main: main.grad)  # the last update's
     return out if dist.get_rank() == 0 else None
+
+
+def train_until_a_crash_after_save(overrides: list[str], crash_step: int):
+    """A tiny training that dies right after its step-``crash_step`` checkpoint is complete."""
+    from tiny_training import train_in_ranks
+
+    save = loop.save_checkpoint
+
+    def save_then_crash(cfg, step, *args, **kwargs):
+        path = save(cfg, step, *args, **kwargs)
+        if step == crash_step:
+            raise RuntimeError(f"simulated crash after the step-{step} checkpoint")
+        return path
+
+    loop.save_checkpoint = save_then_crash
+    return train_in_ranks(overrides)
