@@ -98,3 +98,10 @@ def test_8b_example_dry_run_on_cpu():
     assert "actor 22.9 GiB (params, fp32 grads, Adam over dp 2), EMA teacher 3.8 GiB" in out.stdout
     assert "mem_fraction=0.5 takes 40.0 of 80 GiB, leaving 13.3 GiB" in out.stdout
     assert "dry run OK" in out.stdout
+
+
+@pytest.mark.parametrize("key", ["algorithm.kl_coef=0.01", "algorithm.entropy_coef=0.01"])
+def test_kl_and_entropy_terms_are_refused_at_start(key):
+    # no reference policy and no entropy bonus (the paper trains without them): an unknown key
+    with pytest.raises(ValueError, match=key.split("=")[0].split(".")[1]):
+        load_config(["configs/tiny_cpu.yaml"], [key])
