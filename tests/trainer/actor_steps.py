@@ -66,3 +66,24 @@ def train_until_a_crash_after_save(overrides: list[str], crash_step: int):
 
     loop.save_checkpoint = save_then_crash
     return train_in_ranks(overrides)
+
+
+def rollout_metrics_in_ranks(variants: list[str], rewards: list[float]) -> dict[str, dict]:
+    """``StepRollouts.metrics`` of two prompts x two samples with these rewards, per variant."""
+    from srpo_megatron.algorithms import AlgorithmConfig, route_rollouts
+    from srpo_megatron.rollout.engine import RolloutBatch
+    from srpo_megatron.trainer.rollouts import StepRollouts
+
+    batch = RolloutBatch(
+        prompt_index=[0, 0, 1, 1],
+        prompt_ids=[[1, 2]] * 4,
+        response_ids=[[3, 4], [5], [6, 7, 8], [9]],
+        rollout_logp=[torch.zeros(2), torch.zeros(1), torch.zeros(3), torch.zeros(1)],
+        finish_reasons=["stop", "length", "stop", "stop"],
+    )
+    ro = StepRollouts(batch, pad_id=0, token_budget=64, rewards=torch.tensor(rewards))
+    out = {}
+    for variant in variants:
+        routing = route_rollouts(ro.rewards, ro.group_ids, AlgorithmConfig(variant=variant))
+        out[variant] = ro.metrics(routing, variant, old=None, teacher=None)
+    return out

@@ -82,3 +82,16 @@ def test_dp2_logged_loss_equals_the_whole_batch_loss(sharded_and_whole):
     assert sharded["loss/grpo"] != 0 and sharded["loss/sdpo"] != 0
     for key in ("reward_mean", "sdpo_fraction", "teacher_rollouts", "teacher_entropy_mean"):
         assert sharded[key] == pytest.approx(whole[key], rel=1e-5), key
+
+
+def test_route_fractions_per_variant():
+    from actor_steps import rollout_metrics_in_ranks
+
+    expected = {"srpo": (0.25, 0.75), "sdpo": (0.75, 0.0), "grpo": (0.0, 1.0)}  # sdpo: the rest get no loss
+    # prompt 0: both right (each the other's teacher); prompt 1: one right, one wrong (its teacher)
+    (metrics,) = run_distributed(
+        rollout_metrics_in_ranks, world_size=1, args=(list(expected), [1.0, 1.0, 1.0, 0.0])
+    )
+    for variant, fractions in expected.items():
+        assert (metrics[variant]["sdpo_fraction"], metrics[variant]["grpo_fraction"]) == fractions, variant
+        assert metrics[variant]["stop_fraction"] == 0.75 and metrics[variant]["teacher_rollouts"] == 0
