@@ -6,7 +6,10 @@
 #       srpo-megatron bash examples/run_qwen3_8b_srpo.sh
 #
 # Multi-node: run the same image on every node under Slurm (examples/slurm_srpo.sbatch) or torchrun.
-# The base image ships CUDA, NCCL, PyTorch 2.14.1 and SGLang 0.5.23, the versions pyproject.toml pins.
+# The base image ships CUDA, NCCL, PyTorch 2.14.1 and SGLang 0.5.23. SGLang's version is the one
+# pyproject.toml's gpu extra pins (sglang==0.5.23), for the same reason: it is the release the SGLang
+# adapter is checked against (tools/check_sglang_protocol.py), and releases before mid-2026 lack the
+# begin/end_weight_update routes every weight sync needs. Change both together.
 FROM lmsysorg/sglang:v0.5.23
 
 ARG WITH_APEX=0

@@ -90,8 +90,8 @@ def _bench(args, requests, replies, port):
             stats[mode] = sender.send(tensors, flattened=cfg["flattened"])
             if repeat:  # repeat 0 is the warm-up
                 times[mode].append(time.perf_counter() - start)
+    sender.close()  # asks the engine to leave the group: before the engine stops serving
     engine.shutdown()
-    sender.close()
     return {m: (statistics.median(t), stats[m].num_buckets) for m, t in times.items()}, stats["bucketed"]
 
 

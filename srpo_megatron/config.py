@@ -81,7 +81,13 @@ class RolloutConfig:
     launching them: the way to put engines on other nodes. Launch them with ``--skip-tokenizer-init``
     (and ``--enable-memory-saver`` when colocated)."""
     server_args: list[str] = field(default_factory=list)
-    """Further ``sglang.launch_server`` flags for launched engines, e.g. ``[--disable-cuda-graph]``."""
+    """Further ``sglang.launch_server`` flags for launched engines, e.g.
+    ``[--cuda-graph-backend-decode=disabled,--cuda-graph-backend-prefill=disabled]``."""
+    deterministic: bool = False
+    """SGLang: engines run ``--enable-deterministic-inference`` (launched with it; servers at
+    ``engine_urls`` must have it), the only mode in which they sample with the per-request seeds
+    the trainer sends, so a resumed run samples what an uninterrupted one would. Costs rollout
+    speed (README, "Rollout engines")."""
     server_module: str = "sglang.launch_server"
     """What launched engines run (``python -m <module>``); tests use a CPU stand-in."""
     startup_timeout_s: float = 900.0

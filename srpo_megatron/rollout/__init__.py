@@ -2,7 +2,7 @@
 
 engine.py         SamplingParams, RolloutBatch, the RolloutEngine protocol
 hf_engine.py      HFEngine: CPU default and one-GPU debug engine
-sglang_engine.py  SGLangEngine: one SGLang replica (HTTP server or in-process ``sglang.Engine``)
+sglang_engine.py  SGLangEngine: one SGLang replica, a server driven over HTTP
 sglang_server.py  launching ``sglang.launch_server`` processes, waiting for /health, stopping them
 sglang_fleet.py   SGLangFleet: the run's replicas from one rank (generate, load weights, memory)
 metrics.py        train-vs-rollout log-prob gap on the sampled tokens

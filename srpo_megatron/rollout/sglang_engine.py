@@ -1,40 +1,48 @@
-"""SGLang rollout engine: a thin adapter over ``sglang.Engine`` (in-process) or a launched server.
+"""SGLang rollout engine: a thin adapter over a launched server's HTTP routes.
 
-Checked against the pinned release itself, the sglang 0.5.23 wheel: ``srt/entrypoints/engine.py``
-class ``Engine``, ``srt/entrypoints/http_server.py`` (the routes, their bodies and status codes),
-``srt/managers/io_struct.py`` (the request fields), ``srt/model_executor/model_runner_components/
-weight_updater.py`` (the receive side) and ``srt/utils/common.py`` ``MultiprocessingSerializer``.
-Re-read these when sglang is upgraded. What we use:
+Checked against the pinned release itself, the sglang 0.5.23 wheel: ``srt/entrypoints/
+http_server.py`` (the routes, their bodies and status codes), ``srt/managers/io_struct.py`` and
+``api/v1/api_types.py`` (the request fields; ``tools/check_sglang_protocol.py`` compares our
+payloads with any version's), ``srt/managers/scheduler_components/weight_updater.py`` and
+``srt/model_executor/model_runner_components/weight_updater.py`` (the receive side) and
+``srt/utils/common.py`` ``MultiprocessingSerializer``. Re-read these when sglang is upgraded. What
+we use:
 
 - ``generate(input_ids=[[...]], sampling_params=[{...}], return_logprob=True)`` -> one dict per
   input with ``output_ids`` and ``meta_info`` (``output_token_logprobs``: ``(logprob, token_id,
   text)`` per generated token, temperature applied unless ``SGLANG_RETURN_ORIGINAL_LOGPROB`` is
-  set; ``finish_reason``: ``{"type": "stop" | "length", ...}``). No ``sampling_seed``: the default
-  flashinfer sampling backend asserts that none is given. With top_p < 1 the log-probs are of the
-  distribution before the top-p cut (the HF engine's after it): SRPO rollouts sample at top_p 1;
+  set; ``finish_reason``: ``{"type": "stop" | "length", ...}``). Unknown top-level fields are
+  ignored, unknown sampling parameters refused (400). Every request carries a ``sampling_seed``
+  (``request_seed``); the server uses it only when it runs ``--enable-deterministic-inference``
+  (``srt/sampling/sampling_batch_info.py``), otherwise it is ignored. With top_p < 1 the log-probs
+  are of the distribution before the top-p cut (the HF engine's after it): SRPO samples at top_p 1;
 - ``init_weights_update_group(master_address, master_port, rank_offset, world_size, group_name,
-  backend)`` and ``update_weights_from_distributed(names, dtypes, shapes, group_name, flush_cache,
-  load_format)`` (disaggregated; protocol in ``weight_sync/broadcast.py``);
+  backend)``, ``update_weights_from_distributed(names, dtypes, shapes, group_name, flush_cache,
+  load_format)`` and ``destroy_weights_update_group(group_name)`` (disaggregated; protocol in
+  ``weight_sync/broadcast.py``);
 - ``begin_weight_update()`` / ``end_weight_update()``: 0.5.23 refuses weight updates outside such
-  a session (``scheduler_components/weight_updater.py``); one session per sync;
-- ``update_weights_from_tensor(named_tensors, load_format, flush_cache)`` (colocated; CUDA IPC
-  handles of the trainer's tensors, serialised once per engine TP rank, as the engine itself does:
-  each rank then drops its own handle);
-- ``release_memory_occupation(tags)`` / ``resume_memory_occupation(tags)`` (colocated; needs
-  ``enable_memory_saver=True`` at launch; no tags = every kind, ``MEMORY_TAGS``),
-  ``pause_generation`` / ``continue_generation``, ``flush_cache``, ``shutdown``.
-Each returns ``(success, message)`` (in-process) or, over HTTP, JSON ``{"success", "message"}``
-with status 200 or 400 (a refusal is a 400 whose body still says why); ``flush_cache`` answers
-plain text, the memory routes ``null``.
+  a session; one session per sync;
+- ``update_weights_from_tensor(serialized_named_tensors, load_format, flush_cache)`` (colocated;
+  CUDA IPC handles of the trainer's tensors, serialised once per engine TP rank, as the engine
+  itself does: each rank then drops its own handle);
+- ``release_memory_occupation(tags)`` / ``resume_memory_occupation(tags)`` (colocated; only with
+  ``--enable-memory-saver`` do they free anything: without it they succeed and do nothing, which
+  ``SGLangFleet.connect`` refuses; no tags = every kind, ``MEMORY_TAGS``), ``pause_generation`` /
+  ``continue_generation``, ``flush_cache``; ``GET /server_info``: the server's resolved arguments.
+Each answers JSON ``{"success", "message"}`` with status 200 or 400 (a refusal is a 400 whose body
+says why); ``flush_cache`` answers plain text, the memory routes ``null``. Where SGLang's
+scheduler raises instead (a failing weight load, resuming memory never released, releasing it while
+busy) the scheduler process dies and takes the server with it: the request gets no answer.
 
 Every call goes through one worker thread with a deadline: a dead or stuck engine becomes an
 ``EngineError`` naming the engine and the call, not a hang; a refused update becomes a
-``WeightSyncError`` carrying SGLang's message. sglang is imported only when an engine is launched,
-so this module (and its CPU tests against a fake client) needs no GPU.
+``WeightSyncError`` carrying SGLang's message. Nothing here imports sglang: the trainer talks to
+servers only, so this module and its CPU tests need no GPU.
 """
 
-import asyncio
 import base64
+import hashlib
+import http.client
 import io
 import json
 import urllib.error
@@ -46,7 +54,7 @@ from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
 import torch
-import torch.multiprocessing  # noqa: F401  (registers torch's tensor reductions with ForkingPickler)
+from torch.multiprocessing import reductions  # also registers torch's tensor reductions with ForkingPickler
 
 from srpo_megatron.rollout.engine import FinishReason, RolloutBatch, SamplingParams
 from srpo_megatron.rollout.weight_sync.broadcast import WeightSyncError, as_result
@@ -54,43 +62,52 @@ from srpo_megatron.rollout.weight_sync.broadcast import WeightSyncError, as_resu
 # sglang.srt.constants (0.5.23): what release/resume_memory_occupation take as tags
 WEIGHTS_TAG = "weights"
 MEMORY_TAGS = ("weights", "kv_cache", "cuda_graph")
+# where torch's reduce_tensor puts a CUDA tensor's device index (torch 2.14; SGLang's
+# patch_torch.py relies on the same slot)
+_CUDA_DEVICE_ARG = 6
 
 
 class EngineError(RuntimeError):
     """An SGLang engine died, timed out or answered a call with an error."""
 
 
+def _reduce_with_device_uuid(tensor: torch.Tensor):
+    rebuild, args = reductions.reduce_tensor(tensor)
+    if tensor.is_cuda:
+        uuid = str(torch.cuda.get_device_properties(args[_CUDA_DEVICE_ARG]).uuid)
+        args = (*args[:_CUDA_DEVICE_ARG], uuid, *args[_CUDA_DEVICE_ARG + 1 :])
+    return rebuild, args
+
+
 def serialize_tensors(named_tensors: list[tuple[str, torch.Tensor]]) -> str:
     """``[(name, tensor)]`` as the base64 text the HTTP ``update_weights_from_tensor`` route takes:
     the bytes of SGLang's ``MultiprocessingSerializer.serialize`` (torch's ForkingPickler, under
     which a CUDA tensor travels as an IPC handle and a CPU tensor as shared memory, never its
-    data). The tensors must stay alive until the engine has answered."""
-    if any(t.is_cuda for _, t in named_tensors):
-        # as SGLang's own producers do: the device travels as its UUID, not as this process's index
-        # (the engine may number its GPUs otherwise, e.g. another CUDA_VISIBLE_DEVICES)
-        from sglang.srt.utils.patch_torch import monkey_patch_torch_reductions
-
-        monkey_patch_torch_reductions()
+    data). A CUDA tensor's device travels as its UUID, not as this process's index, as SGLang's own
+    producers send it (the engine may number its GPUs otherwise, e.g. another
+    CUDA_VISIBLE_DEVICES; its ranks map the UUID back). SGLang does this by patching torch's
+    tensor reduction for the whole process (``monkey_patch_torch_reductions``), after which a CPU
+    tensor no longer pickles anywhere in it; here it is this pickler's alone. The tensors must be
+    plain ``torch.Tensor`` s and stay alive until the engine has answered."""
     buffer = io.BytesIO()
-    ForkingPickler(buffer).dump(named_tensors)
+    pickler = ForkingPickler(buffer)
+    pickler.dispatch_table[torch.Tensor] = _reduce_with_device_uuid  # a copy owned by this pickler
+    pickler.dump(named_tensors)
     return base64.b64encode(buffer.getvalue()).decode()
 
 
-def import_sglang():
-    try:
-        import sglang
-    except ImportError as e:
-        raise ImportError(
-            "the SGLang rollout engine needs sglang (GPU only): pip install 'srpo_megatron[gpu]'; "
-            "on a CPU machine use the HF engine (rollout.engine: hf)"
-        ) from e
-    return sglang
+def request_seed(seed: int, prompt: int, sample: int) -> int:
+    """The ``sampling_seed`` of sample ``sample`` of prompt ``prompt`` (its place in the step's
+    prompts) under the call's seed (the run seed plus the step): the same request gets the same
+    seed in a resumed run, on whichever engine it lands. 63 bits: SGLang takes int64."""
+    digest = hashlib.blake2b(f"{seed}/{prompt}/{sample}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
 
-def sampling_params_dict(params: SamplingParams) -> dict[str, Any]:
+def sampling_params_dict(params: SamplingParams, seed: int) -> dict[str, Any]:
     """Our SamplingParams as SGLang's per-request ``sampling_params``. ``n`` is handled by sending
     each prompt ``n`` times (one request per sample keeps the output order ours)."""
-    out = {
+    return {
         "temperature": params.temperature,
         "top_p": params.top_p,
         "top_k": -1,
@@ -98,8 +115,8 @@ def sampling_params_dict(params: SamplingParams) -> dict[str, Any]:
         "stop_token_ids": list(params.stop_token_ids),
         "skip_special_tokens": False,
         "no_stop_trim": True,  # keep the stop token in output_ids: it is a sampled, trained token
+        "sampling_seed": seed,
     }
-    return out
 
 
 def parse_output(output: dict[str, Any]) -> tuple[list[int], torch.Tensor, FinishReason]:
@@ -117,7 +134,7 @@ def parse_output(output: dict[str, Any]) -> tuple[list[int], torch.Tensor, Finis
 
 
 class SGLangHTTPClient:
-    """The same method names as ``sglang.Engine``, as POSTs to a launched server's routes."""
+    """SGLang's control and generate routes as Python methods (POST, JSON bodies)."""
 
     def __init__(self, url: str, *, tp_size: int = 1, timeout_s: float = 600.0):
         self.url = url.rstrip("/")
@@ -131,6 +148,9 @@ class SGLangHTTPClient:
             headers={"Content-Type": "application/json"},
             method="POST",
         )
+        return self._send(request, route)
+
+    def _send(self, request: urllib.request.Request, route: str) -> Any:
         try:
             with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
                 return _parse_body(response.read(), ok=True)
@@ -139,6 +159,11 @@ class SGLangHTTPClient:
             if isinstance(answer, dict) and "success" in answer:
                 return answer
             raise EngineError(f"{self.url}/{route}: HTTP {e.code}: {answer}") from None
+        except (http.client.RemoteDisconnected, ConnectionResetError) as e:
+            raise EngineError(
+                f"the server closed the connection without answering ({type(e).__name__}): SGLang's "
+                "scheduler dies on a call that raises, and takes the server with it; its log says why"
+            ) from None
 
     def health(self) -> bool:
         try:
@@ -146,6 +171,9 @@ class SGLangHTTPClient:
                 return response.status == 200
         except (urllib.error.URLError, OSError):
             return False
+
+    def server_info(self) -> dict[str, Any]:
+        return self._send(urllib.request.Request(f"{self.url}/server_info"), "server_info")
 
     def generate(self, **kwargs):
         return self._post("generate", kwargs)
@@ -155,6 +183,9 @@ class SGLangHTTPClient:
 
     def update_weights_from_distributed(self, **kwargs):
         return self._post("update_weights_from_distributed", kwargs)
+
+    def destroy_weights_update_group(self, group_name):
+        return self._post("destroy_weights_update_group", {"group_name": group_name})
 
     def update_weights_from_tensor(self, serialized_named_tensors, load_format=None, flush_cache=True):
         """serialized_named_tensors: one ``serialize_tensors`` payload per engine TP rank."""
@@ -191,9 +222,6 @@ class SGLangHTTPClient:
     def get_weights_by_name(self, name, truncate_size=100):
         return self._post("get_weights_by_name", {"name": name, "truncate_size": truncate_size})
 
-    def shutdown(self):
-        pass  # the server's owner stops it
-
 
 def _parse_body(body: bytes, ok: bool) -> Any:
     """JSON when it is JSON (``null`` -> None); a plain-text answer (``flush_cache``) as a result."""
@@ -207,11 +235,9 @@ def _parse_body(body: bytes, ok: bool) -> Any:
 class SGLangEngine:
     """One SGLang replica (``tp_size`` GPUs) behind the ``RolloutEngine`` interface.
 
-    client: an ``sglang.Engine`` or ``SGLangHTTPClient``; use ``launch`` / ``connect``.
-    It is also a ``WeightReceiverHandle`` (``request_join`` / ``request_receive``) for
-    ``BroadcastWeightSender``. With PP > 1 every stage's source rank sends to the engines itself,
-    so each needs a handle: use servers (``connect``) there; an in-process engine belongs to one
-    process.
+    client: an ``SGLangHTTPClient`` (``connect``), or anything with its method names (tests).
+    It is also a ``WeightReceiverHandle`` (``request_join`` / ``request_receive`` /
+    ``request_leave``) for ``BroadcastWeightSender``.
     """
 
     def __init__(self, client: Any, *, tp_size: int = 1, name: str = "sglang", timeout_s: float = 600.0):
@@ -219,37 +245,7 @@ class SGLangEngine:
         self.world_size = tp_size
         self.name = name
         self.timeout_s = timeout_s
-        loop = getattr(client, "loop", None)  # sglang.Engine drives an asyncio loop it created
-        self._worker = ThreadPoolExecutor(
-            max_workers=1,
-            thread_name_prefix=f"{name}-calls",
-            initializer=(lambda: asyncio.set_event_loop(loop)) if loop is not None else None,
-        )
-
-    @classmethod
-    def launch(
-        cls,
-        model_path: str,
-        *,
-        tp_size: int = 1,
-        base_gpu_id: int = 0,
-        colocated: bool = False,
-        name: str = "sglang",
-        timeout_s: float = 600.0,
-        **server_args: Any,
-    ) -> "SGLangEngine":
-        """Start an in-process ``sglang.Engine`` on GPUs ``base_gpu_id .. base_gpu_id + tp_size - 1``.
-        colocated=True turns on SGLang's memory saver (needed by ``release_memory``)."""
-        sglang = import_sglang()
-        engine = sglang.Engine(
-            model_path=model_path,
-            tp_size=tp_size,
-            base_gpu_id=base_gpu_id,
-            skip_tokenizer_init=True,
-            enable_memory_saver=colocated,
-            **server_args,
-        )
-        return cls(engine, tp_size=tp_size, name=name, timeout_s=timeout_s)
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{name}-calls")
 
     @classmethod
     def connect(cls, url: str, *, tp_size: int = 1, timeout_s: float = 600.0) -> "SGLangEngine":
@@ -269,7 +265,8 @@ class SGLangEngine:
                 f"engine {self.name!r}: {method} did not return within {timeout_s:g} s"
             ) from None
         except Exception as e:
-            raise EngineError(f"engine {self.name!r}: {method} failed: {e!r}") from e
+            detail = str(e) if isinstance(e, EngineError) else repr(e)
+            raise EngineError(f"engine {self.name!r}: {method} failed: {detail}") from e
 
     def _checked(
         self, method: str, error: type[Exception] = EngineError, timeout_s: float | None = None, **kwargs: Any
@@ -278,14 +275,26 @@ class SGLangEngine:
         if not ok:
             raise error(f"engine {self.name!r} refused {method}: {message}")
 
+    def server_info(self) -> dict[str, Any]:
+        """The server's resolved arguments (``enable_memory_saver``, ``tp_size``, ...) and version."""
+        return self.call("server_info")
+
     # -- RolloutEngine -------------------------------------------------------------------------
-    def generate(self, prompt_ids: Sequence[Sequence[int]], params: SamplingParams) -> RolloutBatch:
+    def generate(
+        self, prompt_ids: Sequence[Sequence[int]], params: SamplingParams, *, first_prompt: int = 0
+    ) -> RolloutBatch:
+        """first_prompt: the place of ``prompt_ids[0]`` among the step's prompts (an engine of a
+        fleet gets a share), which the per-request seeds are derived from."""
+        if params.seed is None:
+            raise ValueError("SGLang rollouts need SamplingParams.seed: the per-request seeds come from it")
         prompt_index = [i for i in range(len(prompt_ids)) for _ in range(params.n)]
         inputs = [list(prompt_ids[i]) for i in prompt_index]
-        sampling = sampling_params_dict(params)
-        outputs = self.call(
-            "generate", input_ids=inputs, sampling_params=[sampling] * len(inputs), return_logprob=True
-        )
+        sampling = [
+            sampling_params_dict(params, request_seed(params.seed, first_prompt + i, k))
+            for i in range(len(prompt_ids))
+            for k in range(params.n)
+        ]
+        outputs = self.call("generate", input_ids=inputs, sampling_params=sampling, return_logprob=True)
         if isinstance(outputs, dict):  # one request, or an error ({"error": ...} / {"success": false, ...})
             if "meta_info" not in outputs:
                 raise EngineError(f"engine {self.name!r}: generate failed: {outputs}")
@@ -305,19 +314,9 @@ class SGLangEngine:
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Hand a bucket of HF-named tensors held by this process to every engine TP rank (CUDA IPC
-        handles; an in-process ``sglang.Engine`` serialises them itself). The cache is flushed once
-        at the end of a sync (``flush_cache``), not per bucket."""
+        handles). The cache is flushed once at the end of a sync (``flush_cache``), not per bucket."""
         named_tensors = list(named_tensors)
-        if isinstance(self.client, SGLangHTTPClient):
-            self.update_weights_serialized([serialize_tensors(named_tensors) for _ in range(self.world_size)])
-        else:
-            self._checked(
-                "update_weights_from_tensor",
-                WeightSyncError,
-                named_tensors=named_tensors,
-                load_format=None,
-                flush_cache=False,
-            )
+        self.update_weights_serialized([serialize_tensors(named_tensors) for _ in range(self.world_size)])
 
     def update_weights_serialized(self, payloads: Sequence[str]) -> None:
         """One ``serialize_tensors`` payload per engine TP rank, rank ``j``'s made by the process on
@@ -357,10 +356,8 @@ class SGLangEngine:
         self.call("continue_generation")
 
     def shutdown(self) -> None:
-        try:
-            self.client.shutdown()
-        finally:
-            self._worker.shutdown(wait=False)
+        """Stop this adapter's worker (the server's owner stops the server)."""
+        self._worker.shutdown(wait=False)
 
     # -- WeightReceiverHandle (disaggregated) ----------------------------------------------------
     def request_join(self, **kwargs: Any) -> Future:
@@ -368,3 +365,6 @@ class SGLangEngine:
 
     def request_receive(self, message: dict[str, Any]) -> Future:
         return self.submit("update_weights_from_distributed", **message)
+
+    def request_leave(self, group_name: str) -> Future:
+        return self.submit("destroy_weights_update_group", group_name=group_name)

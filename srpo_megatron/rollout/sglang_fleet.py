@@ -29,7 +29,7 @@ from contextlib import contextmanager
 import torch
 
 from srpo_megatron.rollout.engine import RolloutBatch, SamplingParams
-from srpo_megatron.rollout.sglang_engine import MEMORY_TAGS, WEIGHTS_TAG, SGLangEngine
+from srpo_megatron.rollout.sglang_engine import MEMORY_TAGS, WEIGHTS_TAG, EngineError, SGLangEngine
 from srpo_megatron.rollout.sglang_server import ServerProcess
 from srpo_megatron.rollout.weight_sync.broadcast import BroadcastWeightSender, GroupAddress, SyncStats
 
@@ -49,6 +49,7 @@ class SGLangFleet:
         sync_address: GroupAddress | None = None,
         servers: Sequence[ServerProcess] = (),
         timeout_s: float = 600.0,
+        deterministic: bool = False,
     ):
         if not engines:
             raise ValueError("SGLangFleet needs at least one engine")
@@ -58,6 +59,7 @@ class SGLangFleet:
         self.colocated = colocated
         self.bucket_bytes = bucket_bytes
         self.servers = list(servers)
+        self.deterministic = deterministic
         self.sender: BroadcastWeightSender | None = None
         self._released: set[str] = set()
         if not colocated:
@@ -68,19 +70,50 @@ class SGLangFleet:
         self._pool = ThreadPoolExecutor(max_workers=len(self.engines), thread_name_prefix="fleet")
 
     def connect(self) -> None:
-        """Once per run. Servers started by someone else may hold a weight-update session that a
-        crashed run left open: closed quietly. Disaggregated: every engine joins this rank's
-        weight-update group."""
+        """Once per run. Each server must run with the flags this run needs (servers started by
+        someone else may lack them), and may hold a weight-update session that a crashed run left
+        open: closed quietly. Disaggregated: every engine joins this rank's weight-update group."""
+        for engine in self.engines:
+            self._check_server_args(engine)
         if not self.servers:
             self._end(self.engines, quiet=True)
         if self.sender is not None:
             self.sender.connect()
 
+    def _check_server_args(self, engine: SGLangEngine) -> None:
+        """Refuse servers that would quietly do something else than asked: without the memory saver
+        SGLang's release_memory_occupation succeeds and frees nothing (colocated training would
+        then run out of GPU memory, or share it with a full engine), and without deterministic
+        inference it ignores the requests' sampling seeds (resumed runs would sample otherwise)."""
+        info = engine.server_info()
+        needed = [("tp_size", engine.world_size, f"--tp-size {engine.world_size}", "rollout.engine_tp")]
+        if self.colocated:
+            needed.append(("enable_memory_saver", True, "--enable-memory-saver", "rollout.mode=colocated"))
+        if self.deterministic:
+            needed.append(
+                (
+                    "enable_deterministic_inference",
+                    True,
+                    "--enable-deterministic-inference",
+                    "rollout.deterministic",
+                )
+            )
+        for key, want, flag, why in needed:
+            if info.get(key) != want:
+                raise EngineError(
+                    f"engine {engine.name!r} runs with {key}={info.get(key)!r}: start it with {flag} ({why})"
+                )
+
     # -- generation ------------------------------------------------------------------------------
     def generate(self, prompt_ids: Sequence[Sequence[int]], params: SamplingParams) -> RolloutBatch:
         shares = _split(len(prompt_ids), len(self.engines))
         futures = [
-            (start, self._pool.submit(engine.generate, [prompt_ids[i] for i in range(start, stop)], params))
+            (
+                start,
+                self._pool.submit(
+                    engine.generate, [prompt_ids[i] for i in range(start, stop)], params, first_prompt=start
+                ),
+            )
             for engine, (start, stop) in zip(self.engines, shares, strict=True)
             if stop > start
         ]

@@ -36,9 +36,12 @@ class ServerSpec:
     mem_fraction: float = 0.6
     memory_saver: bool = False
     """``--enable-memory-saver``: needed to release / resume memory (colocated engines)."""
+    deterministic: bool = False
+    """``--enable-deterministic-inference``: batch-invariant kernels, and the only mode in which
+    SGLang samples with each request's ``sampling_seed``."""
     dtype: str = "bfloat16"
     extra_args: tuple[str, ...] = ()
-    """Further ``launch_server`` flags, as given (e.g. ``("--disable-cuda-graph",)``)."""
+    """Further ``launch_server`` flags, as given (e.g. ``("--cuda-graph-backend-decode=disabled",)``)."""
     module: str = "sglang.launch_server"
 
     @property
@@ -59,6 +62,8 @@ class ServerSpec:
         ]  # fmt: skip
         if self.memory_saver:
             cmd.append("--enable-memory-saver")
+        if self.deterministic:
+            cmd.append("--enable-deterministic-inference")
         return cmd + list(self.extra_args)
 
 

@@ -3,20 +3,38 @@ answered by the HF engine. Not an inference engine (one request at a time, a sma
 
     python -m srpo_megatron.testing.fake_sglang_server --model-path DIR --port 30000 [sglang flags]
 
-It takes ``launch_server``'s flags (``rollout/sglang_server.py``) and is strict where SGLang is:
-unknown request fields and sampling parameters are refused (400); so are generation and weight
-loads while the memory they need is released, weight loads outside a begin/end_weight_update
-session, resuming memory that was not released, and payloads naming anything outside torch. Each request is logged to stdout as ``CALL <route> <detail>`` so a test can check
-the order of the trainer's calls (release -> resume weights -> update -> resume the rest), and on
-SIGTERM the checksums of the weights it holds as ``CHECKSUMS <json>``.
-Weights: ``update_weights_from_tensor`` (ForkingPickler payloads, base64) and the broadcast
-protocol through ``BroadcastWeightReceiver`` (the trainer's own receive-side reference).
+It takes ``launch_server``'s flags (``rollout/sglang_server.py``) and is as strict and as lax as
+SGLang 0.5.23 (read in its wheel: ``srt/entrypoints/http_server.py``, ``srt/managers/io_struct.py``,
+``api/v1/api_types.py``, ``srt/managers/scheduler_components/weight_updater.py``):
+
+- unknown top-level fields are ignored on every route; a missing required field is a 422 (FastAPI's
+  validation of the request class); an unknown sampling parameter is a 400 (``/generate``'s contract
+  check);
+- refused with a 400, as SGLang refuses them: weight loads outside a begin/end_weight_update
+  session, a second begin, an end without a begin, a weight-update group name already held, a
+  broadcast to a group never joined, payloads naming anything outside torch;
+- where SGLang's scheduler raises, and so dies and takes the server down, the stand-in prints why
+  (``DIED <route>: <reason>``) and exits without answering: a weight load that fails, resuming
+  memory that was not released, and, with ``--enable-memory-saver``, generating or loading weights
+  into memory that is released (on a GPU: an access to unmapped memory);
+- without ``--enable-memory-saver`` releasing memory succeeds and frees nothing, as in SGLang;
+- ``sampling_seed`` is used only with ``--enable-deterministic-inference``, each request then
+  sampled alone from its own seed (SGLang's mode is batch-invariant); otherwise the stand-in
+  samples from a counter of its own, so a restarted server samples otherwise, as a real one does.
+
+Each request is logged to stdout as ``CALL <route> <detail>`` so a test can check the order of the
+trainer's calls (release -> resume weights -> update -> resume the rest), and on SIGTERM the
+checksums of the weights it holds as ``CHECKSUMS <json>``. Weights: ``update_weights_from_tensor``
+(ForkingPickler payloads, base64) and the broadcast protocol through ``BroadcastWeightReceiver``
+(the trainer's own receive-side reference). It serves one request at a time, so it is never busy
+when asked to release memory (SGLang's scheduler asserts that it is idle then).
 """
 
 import argparse
 import base64
 import io
 import json
+import os
 import pickle
 import signal
 import sys
@@ -30,37 +48,39 @@ from srpo_megatron.rollout.sglang_engine import MEMORY_TAGS
 from srpo_megatron.rollout.weight_sync.broadcast import BroadcastWeightReceiver
 from srpo_megatron.rollout.weight_sync.verify import weight_checksums
 
-# fields of sglang 0.5.23's request structs (srt/managers/io_struct.py, srt/sampling/sampling_params.py)
-FIELDS = {
-    "generate": {"input_ids", "sampling_params", "return_logprob", "rid", "stream"},
-    "init_weights_update_group": {
-        "master_address", "master_port", "rank_offset", "world_size", "group_name", "backend",
-    },
-    "update_weights_from_distributed": {
-        "names", "dtypes", "shapes", "group_name", "flush_cache", "abort_all_requests",
-        "weight_version", "load_format", "selector", "torch_empty_cache",
-    },
-    "update_weights_from_tensor": {
-        "serialized_named_tensors", "load_format", "flush_cache", "abort_all_requests",
-        "weight_version", "selector", "torch_empty_cache",
-    },
-    "begin_weight_update": {"selector"},
+VERSION = "0.5.23"
+# the POST routes served, each with the fields its sglang 0.5.23 request class requires (the rest
+# have defaults); tests/rollout/fixtures/sglang_0.5.23_routes.json holds every field name
+REQUIRED = {
+    "generate": set(),
+    "init_weights_update_group": {"master_address", "master_port", "rank_offset", "world_size"},
+    "update_weights_from_distributed": {"names", "dtypes", "shapes"},
+    "destroy_weights_update_group": set(),
+    "update_weights_from_tensor": {"serialized_named_tensors"},
+    "begin_weight_update": set(),
     "end_weight_update": set(),
-    "release_memory_occupation": {"tags"},
-    "resume_memory_occupation": {"tags"},
+    "release_memory_occupation": set(),
+    "resume_memory_occupation": set(),
     "flush_cache": set(),
     "weights_checksums": set(),  # ours, not SGLang's: what the engine holds, for tests
-}  # fmt: skip
+}
+# api/v1/api_types.py SamplingParams (0.5.23): "unknown keys rejected"
 SAMPLING_FIELDS = {
-    "max_new_tokens", "stop", "stop_token_ids", "temperature", "top_p", "top_k", "min_p",
-    "frequency_penalty", "presence_penalty", "repetition_penalty", "min_new_tokens", "n",
-    "ignore_eos", "skip_special_tokens", "spaces_between_special_tokens", "no_stop_trim",
-    "sampling_seed", "logit_bias",
+    "max_new_tokens", "stop", "stop_token_ids", "stop_regex", "temperature", "top_p", "top_k",
+    "min_p", "frequency_penalty", "presence_penalty", "repetition_penalty", "min_new_tokens", "n",
+    "json_schema", "regex", "ebnf", "structural_tag", "ignore_eos", "skip_special_tokens",
+    "spaces_between_special_tokens", "no_stop_trim", "stream_interval", "logit_bias",
+    "sampling_seed", "custom_params", "beam_width", "watermark", "choice",
 }  # fmt: skip
+DEFAULT_SEED = 42  # srt/sampling/sampling_batch_info.py: a request without a seed, deterministic mode
 
 
 class Refused(Exception):
-    pass
+    """A call SGLang answers with a 400 and this message."""
+
+
+class Died(Exception):
+    """A call on which SGLang's scheduler raises: the server dies without answering."""
 
 
 class TorchOnlyUnpickler(pickle.Unpickler):
@@ -74,39 +94,57 @@ class TorchOnlyUnpickler(pickle.Unpickler):
 
 
 class FakeSGLang:
-    def __init__(self, model_path: str, dtype: str, memory_saver: bool):
+    def __init__(self, args: argparse.Namespace):
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype))
+        model = AutoModelForCausalLM.from_pretrained(args.model_path, dtype=getattr(torch, args.dtype))
         self.engine = HFEngine(model)
         self.receiver = BroadcastWeightReceiver(self.engine.update_weights)
-        self.memory_saver = memory_saver
-        self.released: set[str] = set()
+        self.args = args
+        self.offload_tags: set[str] = set()  # what SGLang's scheduler records as released
         self.session = False  # inside begin_weight_update .. end_weight_update
-        self.seed = 0
+        self.counter = 0
 
-    def _need(self, *tags: str) -> None:
-        missing = sorted(set(tags) & self.released)
-        if missing:
-            raise Refused(f"memory {missing} is released; resume_memory_occupation first")
+    def server_info(self) -> dict:
+        a = self.args
+        return {
+            "model_path": a.model_path,
+            "tp_size": a.tp_size,
+            "base_gpu_id": a.base_gpu_id,
+            "mem_fraction_static": a.mem_fraction_static,
+            "dtype": a.dtype,
+            "skip_tokenizer_init": a.skip_tokenizer_init,
+            "enable_memory_saver": a.enable_memory_saver,
+            "enable_deterministic_inference": a.enable_deterministic_inference,
+            "version": VERSION,
+        }
 
-    def generate(self, input_ids, sampling_params, return_logprob=False, **_):
-        self._need(*MEMORY_TAGS)
+    def _need(self, route: str, *tags: str) -> None:
+        released = set(tags) & self.offload_tags if self.args.enable_memory_saver else set()
+        if released:
+            raise Died(f"{route} touched released memory {sorted(released)} (illegal memory access)")
+
+    def generate(self, input_ids, sampling_params=None, return_logprob=False, **_):
+        self._need("generate", *MEMORY_TAGS)
         if not return_logprob:
             raise Refused("this stand-in always needs return_logprob=true")
-        sampling = sampling_params[0] if isinstance(sampling_params, list) else sampling_params
-        unknown = set(sampling) - SAMPLING_FIELDS
-        if unknown:
-            raise Refused(f"unknown sampling parameters {sorted(unknown)}")
-        self.seed += 1
-        params = SamplingParams(
-            temperature=sampling.get("temperature", 1.0),
-            top_p=sampling.get("top_p", 1.0),
-            max_new_tokens=sampling.get("max_new_tokens", 128),
-            stop_token_ids=tuple(sampling.get("stop_token_ids") or ()),
-            seed=self.seed,
+        requests = (
+            sampling_params if isinstance(sampling_params, list) else [sampling_params or {}] * len(input_ids)
         )
-        batch = self.engine.generate(input_ids, params)
+        for sampling in requests:
+            unknown = sorted(set(sampling) - SAMPLING_FIELDS)
+            if unknown:  # the text of SGLang's contract check
+                raise Refused(f"unknown field `{unknown[0]}`, expected one of {sorted(SAMPLING_FIELDS)}")
+        if self.args.enable_deterministic_inference:
+            parts = [
+                self.engine.generate([ids], _params(sampling, sampling.get("sampling_seed", DEFAULT_SEED)))
+                for ids, sampling in zip(input_ids, requests, strict=True)
+            ]
+            outputs = [(b.response_ids[0], b.rollout_logp[0], b.finish_reasons[0]) for b in parts]
+        else:
+            self.counter += 1
+            batch = self.engine.generate(input_ids, _params(requests[0], self.counter))
+            outputs = zip(batch.response_ids, batch.rollout_logp, batch.finish_reasons, strict=True)
         return [
             {
                 "output_ids": ids,
@@ -117,27 +155,25 @@ class FakeSGLang:
                     "finish_reason": {"type": reason},
                 },
             }
-            for ids, logp, reason in zip(
-                batch.response_ids, batch.rollout_logp, batch.finish_reasons, strict=True
-            )
+            for ids, logp, reason in outputs
         ]
 
-    def begin_weight_update(self, selector="all"):
+    def begin_weight_update(self, selector="all", **_):
         if self.session:
             raise Refused("a weight-update session is already open; call end_weight_update() first")
         self.session = True
         return {"success": True, "message": "Success"}
 
-    def end_weight_update(self):
+    def end_weight_update(self, **_):
         if not self.session:
             raise Refused("no weight-update session is open; call begin_weight_update() first")
         self.session = False
         return {"success": True, "message": "Success"}
 
     def _loading(self, route: str) -> None:
-        self._need("weights")
         if not self.session:
             raise Refused(f"{route} must run between begin_weight_update() and end_weight_update()")
+        self._need(route, "weights")
 
     def update_weights_from_tensor(self, serialized_named_tensors, load_format=None, **_):
         self._loading("update_weights_from_tensor")
@@ -146,14 +182,24 @@ class FakeSGLang:
         named = TorchOnlyUnpickler(
             io.BytesIO(base64.b64decode(serialized_named_tensors[0], validate=True))
         ).load()
-        self.engine.update_weights(named)
-        return {"success": True, "message": f"loaded {len(named)} tensors"}
+        try:  # SGLang calls model.load_weights without catching what it raises
+            self.engine.update_weights(named)
+        except Exception as e:
+            raise Died(f"update_weights_from_tensor: load_weights raised {e!r}") from e
+        return {"success": True, "message": "Success"}
 
-    def init_weights_update_group(self, **kwargs):
-        return _result(self.receiver.init_weights_update_group(**kwargs))
+    def init_weights_update_group(
+        self, master_address, master_port, rank_offset, world_size, group_name="weight_update_group",
+        backend="nccl", **_,
+    ):  # fmt: skip
+        return _result(
+            self.receiver.init_weights_update_group(
+                master_address, master_port, rank_offset, world_size, group_name, backend
+            )
+        )
 
     def update_weights_from_distributed(
-        self, names, dtypes, shapes, group_name, flush_cache=True, load_format=None, **_
+        self, names, dtypes, shapes, group_name="weight_update_group", flush_cache=True, load_format=None, **_
     ):
         self._loading("update_weights_from_distributed")
         return _result(
@@ -162,22 +208,33 @@ class FakeSGLang:
             )
         )
 
-    def release_memory_occupation(self, tags=None):
-        if not self.memory_saver:
-            raise Refused("release_memory_occupation needs --enable-memory-saver")
-        self.released |= set(tags or MEMORY_TAGS)
+    def destroy_weights_update_group(self, group_name="weight_update_group", **_):
+        return _result(self.receiver.destroy_weights_update_group(group_name))
 
-    def resume_memory_occupation(self, tags=None):
-        tags = set(tags or MEMORY_TAGS)
-        if tags - self.released:  # SGLang's scheduler dies on this (KeyError in offload_tags.remove)
-            raise Refused(f"resuming {sorted(tags - self.released)}, which were not released")
-        self.released -= tags
+    def release_memory_occupation(self, tags=None, **_):
+        self.offload_tags |= set(tags or MEMORY_TAGS)
 
-    def flush_cache(self):
+    def resume_memory_occupation(self, tags=None, **_):
+        missing = set(tags or MEMORY_TAGS) - self.offload_tags
+        if missing:  # SGLang: KeyError in offload_tags.remove
+            raise Died(f"resume_memory_occupation: {sorted(missing)} were not released (KeyError)")
+        self.offload_tags -= set(tags or MEMORY_TAGS)
+
+    def flush_cache(self, **_):
         return "Cache flushed.\n"
 
-    def weights_checksums(self):
+    def weights_checksums(self, **_):
         return weight_checksums(self.engine.named_weights())
+
+
+def _params(sampling: dict, seed: int) -> SamplingParams:
+    return SamplingParams(
+        temperature=sampling.get("temperature", 1.0),
+        top_p=sampling.get("top_p", 1.0),
+        max_new_tokens=sampling.get("max_new_tokens", 128),
+        stop_token_ids=tuple(sampling.get("stop_token_ids") or ()),
+        seed=seed,
+    )
 
 
 def _result(answer: tuple[bool, str]) -> dict:
@@ -191,23 +248,30 @@ def make_handler(fake: FakeSGLang):
         def do_GET(self):
             if self.path == "/health":
                 self._send(200, b"")
+            elif self.path == "/server_info":
+                self._send(200, json.dumps(fake.server_info()).encode())
             else:
                 self._send(404, b"not found")
 
         def do_POST(self):
             route = self.path.strip("/")
-            if route not in FIELDS:
+            if route not in REQUIRED:
                 return self._send(404, b"not found")
             body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
-            unknown = set(body) - FIELDS[route]
+            missing = sorted(REQUIRED[route] - set(body))
+            if missing:  # FastAPI's answer to a body its request class does not validate
+                detail = [{"type": "missing", "loc": ["body", m], "msg": "Field required"} for m in missing]
+                return self._send(422, json.dumps({"detail": detail}).encode())
+            print(f"CALL {route} {_detail(route, body)}", flush=True)
             try:
-                if unknown:
-                    raise Refused(f"unknown fields {sorted(unknown)}")
-                print(f"CALL {route} {_detail(route, body)}", flush=True)
                 answer = getattr(fake, route)(**body)
-            except Exception as e:  # SGLang answers a failed call with 400 and its reason
+            except Refused as e:
                 print(f"REFUSED {route}: {e}", flush=True)
-                return self._send(400, json.dumps({"success": False, "message": str(e)}).encode())
+                answer = {"error": str(e)} if route == "generate" else {"success": False, "message": str(e)}
+                return self._send(400, json.dumps(answer).encode())
+            except Died as e:
+                print(f"DIED {route}: {e}", flush=True)
+                os._exit(1)  # no answer: the connection drops, as when SGLang's scheduler dies
             if isinstance(answer, str):
                 return self._send(200, answer.encode())
             self._send(200, json.dumps(answer).encode())
@@ -231,6 +295,8 @@ def _detail(route: str, body: dict) -> str:
         return f"{len(body['input_ids'])} requests"
     if route == "update_weights_from_distributed":
         return f"{len(body['names'])} tensors"
+    if route.endswith("weights_update_group"):
+        return body.get("group_name", "weight_update_group")
     return ""
 
 
@@ -245,10 +311,11 @@ def main(argv=None) -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--skip-tokenizer-init", action="store_true")
     parser.add_argument("--enable-memory-saver", action="store_true")
+    parser.add_argument("--enable-deterministic-inference", action="store_true")
     args = parser.parse_args(argv)
     if args.tp_size != 1:
         sys.exit("fake_sglang_server: only --tp-size 1")
-    fake = FakeSGLang(args.model_path, args.dtype, args.enable_memory_saver)
+    fake = FakeSGLang(args)
     server = HTTPServer((args.host, args.port), make_handler(fake))
 
     def stop(signum, frame):  # what it held at the end, for tests of runs that stop their servers

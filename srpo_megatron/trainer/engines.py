@@ -9,6 +9,7 @@ sync after every step (Megatron shards -> HF-named buckets -> the engines).
 """
 
 import os
+import secrets
 
 import torch
 import torch.distributed as dist
@@ -59,7 +60,9 @@ def _start_sglang(cfg: Config):
                 "127.0.0.1" if servers else os.environ.get("MASTER_ADDR", "127.0.0.1")
             )
             backend = "nccl" if torch.cuda.is_available() else "gloo"
-            address = GroupAddress(host, find_free_port(), "srpo_weights", backend)
+            # a name of this run's own: an engine refuses a group name it holds already, and a
+            # run that died without leaving its group (SIGKILL) leaves it there
+            address = GroupAddress(host, find_free_port(), f"srpo_weights_{secrets.token_hex(4)}", backend)
         fleet = SGLangFleet(
             engines,
             colocated=colocated,
@@ -67,6 +70,7 @@ def _start_sglang(cfg: Config):
             sync_address=address,
             servers=servers,
             timeout_s=r.call_timeout_s,
+            deterministic=r.deterministic,
         )
         fleet.connect()
     except BaseException:
@@ -101,6 +105,7 @@ def _server_specs(cfg: Config):
             port=find_free_port(),
             mem_fraction=r.mem_fraction,
             memory_saver=r.mode == "colocated",
+            deterministic=r.deterministic,
             dtype=cfg.model.dtype,
             extra_args=tuple(r.server_args),
             module=r.server_module,

@@ -4,7 +4,13 @@ SGLang servers, here the protocol stand-in ``srpo_megatron.testing.fake_sglang_s
 weight loads while the memory they need is released). The real SGLang runs in ``gpu`` tests."""
 
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +23,7 @@ from srpo_megatron.runtime.distributed import find_free_port
 from srpo_megatron.runtime.launch import run_distributed
 
 FAKE = "srpo_megatron.testing.fake_sglang_server"
+HERE = Path(__file__).parent
 
 
 def _overrides(root, out, *extra):
@@ -118,25 +125,99 @@ def test_disaggregated_engine_at_a_url_receives_every_stage_by_broadcast(
     tiny_run_inputs, tmp_path, external_server
 ):
     """PP=2: stage 1's tensors reach rank 0, which broadcasts everything to the engine; after the
-    run the engine holds exactly the trained weights (those of the run's HF export)."""
-    overrides = _overrides(
-        tiny_run_inputs,
-        tmp_path,
-        "model.tp=1",
-        "model.pp=2",
-        "rollout.mode=disaggregated",
-        f"rollout.engine_urls=[{external_server.url}]",
-        "ckpt.export_hf=true",
-    )
-    run_distributed(train_with_sglang_in_ranks, world_size=2, megatron=False, args=(overrides,), timeout=600)
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert all(r["logp_gap_max"] < 1e-4 for r in records)
+    run the engine holds exactly the trained weights (those of the run's HF export). A second run
+    (a restart, a resume) then joins the same server again."""
+    for run, steps in (("first", 2), ("second", 1)):
+        overrides = _overrides(
+            tiny_run_inputs,
+            tmp_path / run,
+            "model.tp=1",
+            "model.pp=2",
+            "rollout.mode=disaggregated",
+            f"rollout.engine_urls=[{external_server.url}]",
+            "ckpt.export_hf=true",
+            f"train.total_steps={steps}",
+        )
+        run_distributed(
+            train_with_sglang_in_ranks, world_size=2, megatron=False, args=(overrides,), timeout=600
+        )
+        records = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in records] == list(range(1, steps + 1))
+        assert all(r["logp_gap_max"] < 1e-4 for r in records)
     calls = _calls(external_server.log_path)
-    assert calls.count("init_weights_update_group ") == 1
     assert not any(c.startswith(("release", "resume", "update_weights_from_tensor")) for c in calls)
-    assert sum(c.startswith("update_weights_from_distributed") for c in calls) >= 3 * 2  # buckets x syncs
+    syncs = (1 + 2) + (1 + 1)  # each run: the start, then every step
+    assert sum(c.startswith("update_weights_from_distributed") for c in calls) >= 2 * syncs  # 2+ buckets
+    # each run joined once and left at its end, under a group name of its own
+    joins = [c.split()[1] for c in calls if c.startswith("init_weights_update_group")]
+    leaves = [c.split()[1] for c in calls if c.startswith("destroy_weights_update_group")]
+    assert len(set(joins)) == 2 and leaves == joins
 
     held = SGLangHTTPClient(external_server.url)._post("weights_checksums")
     held = {k: tuple(v) for k, v in held.items()}
-    assert compare_checksums(_checksums_of(tmp_path / "hf"), held) == []
+    assert compare_checksums(_checksums_of(tmp_path / "second" / "hf"), held) == []
     assert compare_checksums(_checksums_of(tiny_run_inputs / "model"), held) != []  # it did train
+
+
+def _start_killable_sglang_run(overrides: list[str]) -> subprocess.Popen:
+    """The training in its own process group, so one killpg takes it (its servers die with it)."""
+    script = (
+        f"import sys; sys.path.insert(0, {str(HERE)!r})\n"
+        "from tiny_training import train_with_sglang_in_ranks\n"
+        "from srpo_megatron.runtime.launch import run_distributed\n"
+        "if __name__ == '__main__':\n"
+        f"    run_distributed(train_with_sglang_in_ranks, world_size=1, megatron=False, args=({overrides!r},), timeout=600)\n"
+    )
+    return subprocess.Popen(
+        [sys.executable, "-c", script],
+        cwd=HERE.parents[1],
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def test_sigkill_then_resume_on_deterministic_engines_matches_an_uninterrupted_run(tiny_run_inputs, tmp_path):
+    """rollout.deterministic: the engines sample each request from its own seed, derived from (run
+    seed, step, prompt, sample), so the fresh engines of a resumed run sample what the killed run's
+    would have. Step by step, every compared metric is equal to the uninterrupted run's."""
+    compared = ("reward_mean", "loss", "loss/grpo", "loss/sdpo", "grad_norm", "sdpo_fraction", "logp_gap_max")
+
+    def overrides(out):
+        return _overrides(
+            tiny_run_inputs,
+            out,
+            "model.tp=1",
+            "rollout.mode=colocated",
+            "rollout.num_engines=1",
+            "rollout.deterministic=true",
+            "train.total_steps=4",
+            "train.prompts_per_step=2",
+            "ckpt.save_every=2",
+            "ckpt.export_hf=false",
+        )
+
+    def records(out):
+        return {r["step"]: r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
+
+    clean, crashed = tmp_path / "clean", tmp_path / "crashed"
+    run_distributed(
+        train_with_sglang_in_ranks, world_size=1, megatron=False, args=(overrides(clean),), timeout=600
+    )
+
+    proc = _start_killable_sglang_run(overrides(crashed))
+    deadline = time.monotonic() + 300
+    while not (crashed / "checkpoints" / "step_000002" / "trainer_state.json").is_file():
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended or stalled before step 3"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.wait(timeout=30) == -signal.SIGKILL
+    assert max(records(crashed)) < 4
+
+    run_distributed(
+        train_with_sglang_in_ranks, world_size=1, megatron=False, args=(overrides(crashed),), timeout=600
+    )
+    expected, resumed = records(clean), records(crashed)
+    assert sorted(resumed) == [1, 2, 3, 4]
+    for step in (1, 2, 3, 4):
+        assert {k: resumed[step][k] for k in compared} == {k: expected[step][k] for k in compared}, step

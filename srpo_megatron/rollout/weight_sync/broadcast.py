@@ -1,21 +1,23 @@
 """Disaggregated weight sync: the trainer broadcasts HF-named buckets to rollout engines.
 
-The protocol is SGLang's (read in sgl-project/sglang, ``entrypoints/engine.py`` ``Engine.
-init_weights_update_group`` / ``update_weights_from_distributed``, and the model runner's receive
-side ``init_weights_update_group`` / ``_update_bucketed_weights_from_distributed`` — in newer trees
-``model_executor/weight_updater.py`` ``_recv_single_bucket_flattened``):
+The protocol is SGLang's (read in the sglang 0.5.23 wheel: ``srt/model_executor/
+model_runner_components/weight_updater.py`` ``init_weights_update_group`` /
+``receive_weights_from_distributed`` / ``destroy_weights_update_group``, and
+``srt/utils/common.py`` ``init_custom_process_group``):
 
 1. join: the engine is asked to ``init_weights_update_group(master_address, master_port,
    rank_offset, world_size, group_name, backend)``; each of its TP ranks joins a *new* process group
    (its own TCP rendezvous at ``master_address:master_port``, keys under ``group_name``) as rank
    ``rank_offset + tp_rank``. The trainer's sending rank joins the same rendezvous as rank 0, so
    ``world_size = 1 + sum(engine TP sizes)`` and replica ``r`` gets ``rank_offset = 1 + r * tp``.
+   The NCCL communicators are built at the first broadcast, not at the join (``WeightsUpdateGroup``).
 2. per bucket: the engine is asked to ``update_weights_from_distributed(names, dtypes, shapes,
    group_name, flush_cache, load_format="flattened_bucket")``; every engine rank allocates the
    tensors, receives ONE broadcast from group rank 0 into their concatenated bytes, rebuilds them
    (``buckets.unflatten_bucket``) and calls ``model.load_weights`` by HF name. Without
    ``load_format`` it is one broadcast per tensor (the baseline of ``benchmarks/weight_sync.py``).
    The request returns ``(success, message)`` once the bucket is loaded.
+3. leave, at the end of the run: ``destroy_weights_update_group(group_name)``.
 
 Pipeline parallelism: each PP stage's source rank (TP rank 0, DP rank 0: where the exporter yields
 that stage's tensors) owns one weight-update group, ``f"{group_name}_pp{stage}"`` on port
@@ -54,6 +56,7 @@ from srpo_megatron.rollout.weight_sync.buckets import (
 )
 
 FLATTENED_BUCKET = "flattened_bucket"
+CLEANUP_TIMEOUT_S = 30.0
 
 
 class WeightSyncError(RuntimeError):
@@ -80,6 +83,8 @@ class WeightReceiverHandle(Protocol):
     ) -> Future: ...
 
     def request_receive(self, message: dict[str, Any]) -> Future: ...
+
+    def request_leave(self, group_name: str) -> Future: ...
 
 
 @dataclass(frozen=True)
@@ -120,40 +125,56 @@ def update_message(
     }
 
 
-def init_weights_update_group(
-    master_address: str,
-    master_port: int,
-    rank: int,
-    world_size: int,
-    group_name: str,
-    backend: str,
-    timeout: datetime.timedelta = datetime.timedelta(minutes=10),
-) -> dist.ProcessGroup:
-    """Join (or host, at rank 0) a process group outside the default world, the way SGLang's engine
-    ranks do (TCP rendezvous, store keys under ``group_name``), so trainer and engines meet."""
-    from torch.distributed.distributed_c10d import Backend, _new_process_group_helper, _world
+class WeightsUpdateGroup:
+    """One rank's membership of a weight-update group, made the way SGLang's engine ranks make theirs
+    (``init_custom_process_group``, ``srt/utils/common.py`` in 0.5.23): a TCP rendezvous at
+    ``master_address:master_port`` (the sender, rank 0, hosts the store) when joining, keys under
+    ``group_name``, and no ``device_id``, so NCCL builds its communicator at the group's first
+    collective. The trainer must do the same: an eager NCCL group (``device_id`` given) blocks its
+    creator until every rank has built its communicator (torch >= 2.7.1), and an engine builds its
+    own only at the first ``update_weights_from_distributed`` broadcast, which the trainer sends
+    after joining. gloo connects inside the group's constructor, so the group itself is created on
+    first use (the first broadcast, on either side), which makes gloo behave like lazy NCCL on CPU."""
 
-    store, rank, world_size = next(
-        dist.rendezvous(f"tcp://{master_address}:{master_port}", rank, world_size, timeout=timeout)
-    )
-    store.set_timeout(timeout)
-    device_id = None
-    if backend == "nccl":
-        # Eager NCCL init: the engines create their communicators inside the join request, so a lazy
-        # trainer side would leave them waiting for a communicator that only its first broadcast makes.
-        device_id = torch.device("cuda", torch.cuda.current_device())
-    group, _ = _new_process_group_helper(
-        world_size,
-        rank,
-        [],
-        Backend(backend),
-        dist.PrefixStore(group_name, store),
-        group_name=group_name,
-        timeout=timeout,
-        device_id=device_id,
-    )
-    _world.pg_group_ranks[group] = {i: i for i in range(world_size)}
-    return group
+    def __init__(
+        self,
+        master_address: str,
+        master_port: int,
+        rank: int,
+        world_size: int,
+        group_name: str,
+        backend: str,
+        timeout: datetime.timedelta = datetime.timedelta(minutes=10),
+    ):
+        store, self.rank, self.world_size = next(
+            dist.rendezvous(f"tcp://{master_address}:{master_port}", rank, world_size, timeout=timeout)
+        )
+        store.set_timeout(timeout)
+        self.store = dist.PrefixStore(group_name, store)
+        self.group_name, self.backend, self.timeout = group_name, backend, timeout
+        self._group: dist.ProcessGroup | None = None
+
+    @property
+    def group(self) -> dist.ProcessGroup:
+        if self._group is None:
+            from torch.distributed.distributed_c10d import Backend, _new_process_group_helper, _world
+
+            self._group, _ = _new_process_group_helper(
+                self.world_size,
+                self.rank,
+                [],
+                Backend(self.backend),
+                self.store,
+                group_name=self.group_name,
+                timeout=self.timeout,
+            )
+            _world.pg_group_ranks[self._group] = {i: i for i in range(self.world_size)}
+        return self._group
+
+    def destroy(self) -> None:
+        if self._group is not None:
+            dist.destroy_process_group(self._group)
+        self._group = None
 
 
 def as_result(answer: Any) -> tuple[bool, str]:
@@ -208,7 +229,7 @@ class BroadcastWeightSender:
         self.bucket_bytes = bucket_bytes
         self.timeout_s = timeout_s
         self.device = device
-        self.group: dist.ProcessGroup | None = None
+        self.member: WeightsUpdateGroup | None = None
         self.failed = False
         # two flat send buffers, reused: one bucket in flight while the next is flattened
         self._buffers: list[torch.Tensor | None] = [None, None]
@@ -232,7 +253,7 @@ class BroadcastWeightSender:
             )
             futures.append((engine.name, future))
             offset += engine.world_size
-        self.group = init_weights_update_group(
+        self.member = WeightsUpdateGroup(
             a.master_address,
             a.master_port,
             0,
@@ -250,7 +271,7 @@ class BroadcastWeightSender:
         most two flat buckets are alive. flattened=False sends one broadcast per tensor (SGLang's
         plain protocol), for comparison.
         """
-        if self.group is None:
+        if self.member is None:
             raise RuntimeError("call connect() before send()")
         try:
             return self._send(named_tensors, flattened)
@@ -272,7 +293,8 @@ class BroadcastWeightSender:
                 meta, payload = bucket_meta(bucket), [t.contiguous() for _, t in bucket]
             message = update_message(meta, self.address.group_name, flattened=flattened)
             futures = [(e.name, e.request_receive(message)) for e in self.engines]
-            works = [dist.broadcast(t, group=self.group, group_src=0, async_op=True) for t in payload]
+            group = self.member.group  # made at the first bucket, as the engines make theirs
+            works = [dist.broadcast(t, group=group, group_src=0, async_op=True) for t in payload]
             if in_flight is not None:
                 self._finish(*in_flight)
             in_flight = (index, meta, futures, works, payload)
@@ -302,12 +324,23 @@ class BroadcastWeightSender:
         del payload  # the sent buffers may go now
 
     def close(self) -> None:
-        """Leave the group. After a failed send the group is only dropped: destroying it would wait
-        for broadcasts that the engines never joined."""
+        """Leave the group, and have every engine leave it (``destroy_weights_update_group``): an
+        engine keeps its groups by name and cannot create one of the same name again, so a later
+        run against the same servers could not join. After a failed send the group is only
+        dropped: destroying it would wait for broadcasts that the engines never joined. An engine
+        that does not leave is a printed warning, not an error: the run is over, and the next one
+        joins under a group name of its own (``trainer/engines.py``)."""
         self._buffers = [None, None]
-        if self.group is not None and not self.failed:
-            dist.destroy_process_group(self.group)
-        self.group = None
+        member, self.member = self.member, None
+        if member is None or self.failed:
+            return
+        name = self.address.group_name
+        futures = [(e.name, e.request_leave(group_name=name)) for e in self.engines]
+        member.destroy()
+        try:
+            _wait(futures, f"destroy_weights_update_group({name!r})", min(self.timeout_s, CLEANUP_TIMEOUT_S))
+        except WeightSyncError as e:
+            print(f"warning: {e}", flush=True)
 
 
 class BroadcastWeightReceiver:
@@ -331,7 +364,7 @@ class BroadcastWeightReceiver:
         self.tp_rank = tp_rank
         self.device = device
         self.timeout_s = timeout_s
-        self.groups: dict[str, dist.ProcessGroup] = {}
+        self.groups: dict[str, WeightsUpdateGroup] = {}
         self._buffer: torch.Tensor | None = None  # reused: load_weights copies out of it
 
     def init_weights_update_group(
@@ -346,7 +379,7 @@ class BroadcastWeightReceiver:
         if group_name in self.groups:
             return False, f"group {group_name!r} exists already"
         try:
-            self.groups[group_name] = init_weights_update_group(
+            self.groups[group_name] = WeightsUpdateGroup(
                 master_address,
                 master_port,
                 rank_offset + self.tp_rank,
@@ -368,8 +401,8 @@ class BroadcastWeightReceiver:
         flush_cache: bool = True,
         load_format: str | None = None,
     ) -> tuple[bool, str]:
-        group = self.groups.get(group_name)
-        if group is None:
+        member = self.groups.get(group_name)
+        if member is None:
             return False, f"group {group_name!r} not initialised; call init_weights_update_group first"
         try:
             meta = BucketMeta(tuple(names), tuple(dtypes), tuple(tuple(s) for s in shapes))
@@ -379,13 +412,14 @@ class BroadcastWeightReceiver:
                 flat = allocate_bucket(meta, self.device, reuse=self._buffer)
                 if self._buffer is None or flat.numel() > self._buffer.numel():
                     self._buffer = flat
-                dist.broadcast(flat, group=group, group_src=0)
+                dist.broadcast(flat, group=member.group, group_src=0)
                 weights = unflatten_bucket(flat, meta)
             elif load_format is None:
                 weights = [
                     (n, torch.empty(s, dtype=parse_dtype(d), device=self.device))
                     for n, d, s in zip(names, dtypes, shapes, strict=True)
                 ]
+                group = member.group
                 works = [dist.broadcast(t, group=group, group_src=0, async_op=True) for _, t in weights]
                 for work in works:
                     work.wait()
@@ -397,10 +431,10 @@ class BroadcastWeightReceiver:
         return True, f"loaded {len(names)} tensors"
 
     def destroy_weights_update_group(self, group_name: str) -> tuple[bool, str]:
-        group = self.groups.pop(group_name, None)
-        if group is None:
+        member = self.groups.pop(group_name, None)
+        if member is None:
             return False, f"no group {group_name!r}"
-        dist.destroy_process_group(group)
+        member.destroy()
         return True, f"destroyed {group_name!r}"
 
 

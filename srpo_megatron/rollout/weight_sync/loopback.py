@@ -46,6 +46,9 @@ class LoopbackEngineHandle:
     def request_receive(self, message: dict[str, Any]) -> Future:
         return self._call("update_weights_from_distributed", message)
 
+    def request_leave(self, group_name: str) -> Future:
+        return self._call("destroy_weights_update_group", {"group_name": group_name})
+
     def shutdown(self) -> None:
         self._call(SHUTDOWN, {}).result()
         self._reader.shutdown()
