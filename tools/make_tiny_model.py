@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> dict:
         teacher_fraction=args.teacher_fraction,
     )
     start = time.perf_counter()
-    losses = format_warmup(model, tokenizer, config)
+    losses = format_warmup(model, tokenizer, config, progress=True)
     seconds = time.perf_counter() - start
     report = {
         "warmup": vars(config),
