@@ -35,6 +35,9 @@ class ModelConfig:
     """Parameter / compute dtype. The tiny CPU run uses float32."""
     make_vocab_size_divisible_by: int = 128
     """Megatron pads the vocabulary to a multiple of this times TP; padded entries carry no probability."""
+    transformer_impl: Literal["auto", "local", "transformer_engine"] = "auto"
+    """Megatron layer spec: Transformer Engine's on GPUs, Megatron's local (pure PyTorch) one on CPU
+    ("auto"). ``local`` runs on GPUs without Transformer Engine (slower; scripts/gpu_check.sh)."""
     teacher_offload: bool = False
     """Park the EMA teacher's weights in pinned host memory between uses (its forward and its EMA
     update): the device holds one copy of the model fewer while the actor trains and the engines

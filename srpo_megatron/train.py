@@ -89,18 +89,20 @@ def dry_run(cfg: Config, world_size: int, gpu_memory_gib: float = 80.0) -> None:
 def _memory_plan(cfg: Config, params_per_rank: float, dp: int, gpu_memory_gib: float) -> str:
     """What stays on each GPU for the whole run (an estimate: activations come on top): the actor's
     params, its fp32 grad buffer, Adam's states (fp32 master params with bf16) sharded over data
-    parallel by Megatron's distributed optimizer, and the EMA teacher unless offloaded. Colocated
-    engines add rollout.mem_fraction of the GPU while they generate."""
+    parallel by Megatron's distributed optimizer, and the EMA teacher (compute weights + its fp32 EMA
+    values, sharded over data parallel like the optimizer: trainer/teacher.py) unless offloaded.
+    Colocated engines add rollout.mem_fraction of the GPU while they generate."""
     bf16 = cfg.model.dtype == "bfloat16"
     param_bytes = 2 if bf16 else 4
     optimizer_bytes = (12 if bf16 else 8) / dp
-    teacher_bytes = 0 if cfg.model.teacher_offload else param_bytes
+    teacher_bytes = 0 if cfg.model.teacher_offload else param_bytes + 4 / dp
     gib = params_per_rank / 2**30
     actor = gib * (param_bytes + 4 + optimizer_bytes)
     teacher = gib * teacher_bytes
     line = (
         f"memory per GPU (estimate): actor {actor:.1f} GiB (params, fp32 grads, Adam over dp {dp}), "
-        f"EMA teacher {teacher:.1f} GiB" + (" (offloaded)" if cfg.model.teacher_offload else "")
+        f"EMA teacher {teacher:.1f} GiB (weights, fp32 EMA values over dp {dp})"
+        + (" (offloaded)" if cfg.model.teacher_offload else "")
     )
     r = cfg.rollout
     if r.engine == "sglang" and r.mode == "colocated":

@@ -32,10 +32,9 @@ class AlgorithmConfig:
     """Dual clip for negative advantages: the token loss is at most -A * dual_clip. Must be > 1."""
     tis_cap: float = 2.0
     """Truncated importance weight cap C between trainer (old) and rollout log-probs."""
-    kl_coef: float = 0.0
-    """Coefficient of the k3 KL penalty to a reference policy on GRPO-branch tokens (0 = off)."""
-    entropy_coef: float = 0.0
-    """Coefficient of the student entropy bonus on GRPO-branch tokens (0 = off)."""
+    # No KL penalty to a reference policy and no entropy bonus: the paper trains without them (its
+    # KL coefficient is 0 for every method, Table 3), and a reference policy would hold one more
+    # model copy on every GPU. ``algorithm.kl_coef`` / ``entropy_coef`` are refused as unknown keys.
 
     topk: int = 100
     """K: the student's top-K vocabulary ids that support the distillation divergence."""
@@ -72,9 +71,8 @@ class AlgorithmConfig:
         for name in ("tis_cap", "distill_is_cap"):
             if getattr(self, name) <= 0.0:
                 raise ValueError(f"algorithm.{name} must be > 0, got {getattr(self, name)}")
-        for name in ("kl_coef", "entropy_coef", "entropy_beta"):
-            if getattr(self, name) < 0.0:
-                raise ValueError(f"algorithm.{name} must be >= 0, got {getattr(self, name)}")
+        if self.entropy_beta < 0.0:
+            raise ValueError(f"algorithm.entropy_beta must be >= 0, got {self.entropy_beta}")
         if self.topk < 1:
             raise ValueError(f"algorithm.topk must be >= 1, got {self.topk}")
         if not 0.0 <= self.jsd_alpha <= 1.0:

@@ -55,8 +55,6 @@ class LossBatch:
     teacher_topk_logp: torch.Tensor | None = None  # [B, T, K] teacher log-probs at the same ids
     teacher_entropy: torch.Tensor | None = None  # [B, T] full-vocab teacher entropy (srpo)
     teacher_logp: torch.Tensor | None = None  # [B, T] teacher log-prob of the sampled token (advantage_mix)
-    ref_logp: torch.Tensor | None = None  # [B, T] reference log-prob (kl_coef > 0)
-    entropy: torch.Tensor | None = None  # [B, T] student full-vocab entropy, with grad (entropy_coef > 0)
 
 
 def count_denominator_tokens(
@@ -105,14 +103,6 @@ def compute_grpo_token_loss(
         batch.logp, batch.old_logp, adv, cfg.clip_low, cfg.clip_high, cfg.dual_clip
     )
     token_loss = token_loss * tis
-    if cfg.kl_coef > 0:
-        ref_logp = _require(batch.ref_logp, "ref_logp", "when kl_coef > 0")
-        log_ratio = (ref_logp.detach() - batch.logp).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-        token_loss = token_loss + cfg.kl_coef * (log_ratio.exp() - log_ratio - 1.0)  # k3 estimator
-    if cfg.entropy_coef > 0:
-        token_loss = token_loss - cfg.entropy_coef * _require(
-            batch.entropy, "entropy", "when entropy_coef > 0"
-        )
     return token_loss, stats | clip_stats
 
 
@@ -183,7 +173,7 @@ def compute_srpo_loss(
         sdpo_sum = torch.where(sdpo_mask, sdpo_loss, 0.0).sum()
 
     loss = (grpo_sum + sdpo_sum) / num_tokens
-    masks = {"valid": mask, "grpo": grpo_mask, "sdpo": sdpo_mask, "grpo_rows": grpo_rows[:, 0]}
+    masks = {"valid": mask, "grpo": grpo_mask, "sdpo": sdpo_mask}
     metrics = collect_metrics(batch, masks, tis, grpo_stats, sdpo_stats)
     metrics["loss/grpo"] = grpo_sum.detach() / num_tokens
     metrics["loss/sdpo"] = sdpo_sum.detach() / num_tokens
@@ -199,21 +189,14 @@ def collect_metrics(
 ) -> dict[str, torch.Tensor]:
     """Micro-batch statistics, the same keys every call ("group/what"); empty sets give 0."""
     valid, grpo, sdpo = masks["valid"], masks["grpo"], masks["sdpo"]
-    num_rollouts = max(batch.route_sdpo.numel(), 1)
     num_valid = valid.sum().clamp(min=1)
-    grpo_rows = masks["grpo_rows"]
-    sdpo_rows = batch.route_sdpo.bool()
     zeros = torch.zeros_like(tis)
     raw_is = (batch.logp - batch.old_logp).detach().clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP).exp()
     raw_tis = (batch.old_logp - batch.rollout_logp).detach().clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP).exp()
     weight = sdpo_stats.get("weight", zeros)
     m = {
-        "route/sdpo_rollout_frac": sdpo_rows.float().sum() / num_rollouts,
-        "route/grpo_rollout_frac": grpo_rows.float().sum() / num_rollouts,
-        "route/none_rollout_frac": (~sdpo_rows & ~grpo_rows).float().sum() / num_rollouts,
         "route/sdpo_token_frac": sdpo.sum() / num_valid,
         "route/grpo_token_frac": grpo.sum() / num_valid,
-        "route/fallback_count": batch.fallback.bool().sum().float(),
         "is/tis_mean": _masked_mean(tis, valid),
         "is/tis_capped_frac": _masked_mean(raw_tis > tis, valid),
         "grpo/clip_frac": _masked_mean(grpo_stats.get("clipped", zeros), grpo),
@@ -224,9 +207,6 @@ def collect_metrics(
         "sdpo/is_weight_mean": _masked_mean(sdpo_stats.get("is_weight", zeros), sdpo),
         "sdpo/is_clip_frac": _masked_mean(raw_is > sdpo_stats.get("is_weight", raw_is), sdpo),
         "dw/weight_mean": _masked_mean(weight, sdpo),
-        "teacher/entropy_mean": _masked_mean(
-            batch.teacher_entropy if batch.teacher_entropy is not None else zeros, sdpo
-        ),
     }
     m["dw/weight_min"], m["dw/weight_max"] = _masked_min_max(weight, sdpo)
     return m

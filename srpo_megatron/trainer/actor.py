@@ -4,7 +4,11 @@ sharded alike, and the three passes of a step through Megatron's ``forward_backw
     score(...)        forward only, no grad: old log-probs (+ the student's top-K ids), or the
                       teacher's log-probs at those ids + its full-vocab entropy;
     train(...)        forward + backward with the SRPO objective, then one optimizer step;
-    update_teacher()  theta_T <- (1 - rate) * theta_T + rate * theta_S.
+    update_teacher()  theta_T <- (1 - rate) * theta_T + rate * theta_S, on fp32 values
+                      (trainer/teacher.py).
+
+Precision is the same on every device: parameters in ``model.dtype`` (bf16 on GPUs), fp32 main
+parameters and gradients (reduced in fp32) in Megatron's distributed optimizer, on CPU too.
 
 The output layer never materialises [T, V/tp] logits: GPTModel's ``output_processor`` hook hands us
 the final hidden states, we keep only the positions that predict response tokens and feed them,
@@ -30,7 +34,7 @@ from srpo_megatron.models.qwen3.loader import load_hf_weights
 from srpo_megatron.models.qwen3.provider import build_qwen3_model
 from srpo_megatron.ops.token_stats import TokenStats, vocab_parallel_token_stats
 from srpo_megatron.trainer.batching import MicroBatch
-from srpo_megatron.trainer.offload import HostParking
+from srpo_megatron.trainer.teacher import EmaTeacher
 
 
 @dataclass
@@ -69,6 +73,7 @@ class MegatronActor:
             build_qwen3_model,
             hf_config,
             params_dtype=dtype,
+            transformer_impl=cfg.model.transformer_impl,
             make_vocab_size_divisible_by=cfg.model.make_vocab_size_divisible_by,
             init_weights=False,
             calculate_per_token_loss=True,
@@ -79,14 +84,12 @@ class MegatronActor:
         self.teacher = build()
         self.teacher.load_state_dict(student.state_dict())
         self.teacher.requires_grad_(False)
-        self.teacher_parking = HostParking(self.teacher) if cfg.model.teacher_offload else None
         self.true_vocab_size = student.hf_vocab_size
 
-        on_gpu = torch.cuda.is_available()
         self.model = DistributedDataParallel(
             student.config,
             DistributedDataParallelConfig(
-                grad_reduce_in_fp32=True, use_distributed_optimizer=on_gpu, overlap_grad_reduce=False
+                grad_reduce_in_fp32=True, use_distributed_optimizer=True, overlap_grad_reduce=False
             ),
             student,
         )
@@ -103,10 +106,12 @@ class MegatronActor:
                 clip_grad=cfg.optim.clip_grad,
                 bf16=dtype == torch.bfloat16,
                 params_dtype=dtype,
-                use_distributed_optimizer=on_gpu,
+                use_distributed_optimizer=True,
             ),
             [self.model],
         )
+        _create_adam_state(self.optimizer)
+        self.ema = EmaTeacher(self.teacher, student, self.optimizer, offload=cfg.model.teacher_offload)
         self.scheduler = OptimizerParamScheduler(
             self.optimizer,
             init_lr=0.0,
@@ -121,13 +126,29 @@ class MegatronActor:
             wd_incr_style="constant",
         )
 
+    def load_optimizer_state(self, state: dict) -> None:
+        """Megatron's optimizer state from a checkpoint (``optimizer.sharded_state_dict`` loaded)."""
+        with torch.no_grad():  # fp32 main parameters are views of the (grad-requiring) parameters
+            self.optimizer.load_state_dict(state)
+        # megatron-core 0.19.2 without apex / TE (DistributedOptimizer.load_state_dict, dp_reshardable)
+        # restores torch Adam's per-parameter "step" as 0 (the bias correction of a fresh start), after
+        # first handing every parameter one shared tensor that foreach Adam would bump once per
+        # parameter. The group's "step" holds the saved count: give each parameter its own copy.
+        for opt in self.optimizer.chained_optimizers:
+            adam = opt.optimizer
+            if not isinstance(adam, torch.optim.Adam):  # TE's / apex's FusedAdam: a step per group
+                continue
+            for group in adam.param_groups:
+                for param in group["params"]:
+                    adam.state[param]["step"] = torch.tensor(float(group["step"]))
+
     @property
     def student(self) -> torch.nn.Module:
         return self.model.module
 
     def teacher_on_device(self):
-        """Context in which the teacher's parameters are on the device (a no-op unless offloaded)."""
-        return self.teacher_parking.on_device() if self.teacher_parking else nullcontext()
+        """Context in which the teacher (and its fp32 EMA values) are on the device (a no-op unless offloaded)."""
+        return self.ema.on_device()
 
     # ---- the passes ---------------------------------------------------------------------------
 
@@ -287,10 +308,30 @@ class MegatronActor:
             "micro_batches": per_micro_batch,  # empty on all but the last pipeline stage
         }
 
-    @torch.no_grad()
     def update_teacher(self, rate: float) -> None:
-        """EMA: theta_T <- (1 - rate) * theta_T + rate * theta_S (ALGORITHM.md sec. 4; 0.95 stays on the teacher)."""
-        student = dict(self.student.named_parameters())
-        with self.teacher_on_device():
-            for name, t in self.teacher.named_parameters():
-                t.lerp_(student[name].to(t.dtype), rate)
+        """EMA: theta_T <- (1 - rate) * theta_T + rate * theta_S (ALGORITHM.md sec. 4; 0.95 stays on
+        the teacher), from the optimizer's fp32 main parameters."""
+        self.ema.update(self.optimizer, rate)
+
+
+def _create_adam_state(optimizer) -> None:
+    """Create torch Adam's state now, as its first step would (step 0, zero moments: the numbers
+    are unchanged). torch creates it lazily, and megatron-core 0.19's distributed optimizer cannot
+    save without it (its ``state_dict`` reads one "step" of every parameter), so a run whose
+    updates were all skipped so far (non-finite gradients) would fail at its first checkpoint.
+    TE's and apex's FusedAdam (GPU images) keep the step per group and need nothing."""
+    for opt in optimizer.chained_optimizers:
+        adam = opt.optimizer
+        if not isinstance(adam, torch.optim.Adam):  # torch's AdamW is an Adam
+            continue
+        for group in adam.param_groups:
+            assert not (group["fused"] or group["capturable"] or group["amsgrad"]), (
+                "another Adam state layout"
+            )
+            for param in group["params"]:
+                if not adam.state[param]:
+                    adam.state[param] = {
+                        "step": torch.tensor(0.0),
+                        "exp_avg": torch.zeros_like(param, memory_format=torch.preserve_format),
+                        "exp_avg_sq": torch.zeros_like(param, memory_format=torch.preserve_format),
+                    }

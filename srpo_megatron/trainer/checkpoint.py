@@ -8,6 +8,8 @@
                              "optimizer": Megatron optimizer state}
       rng/rank_00000.pt     per rank: python, numpy, torch (CPU and CUDA), Megatron's RNG tracker,
                             the routing generator
+      teacher_fp32/rank_00000.pt  per rank: its slices of the EMA teacher's fp32 values
+                            (trainer/teacher.py), sharded like the distributed optimizer's state
       trainer_state.json    step, data position, LR-scheduler state, layout, config
       metrics.jsonl         the metrics of steps 1..step (what the run had logged)
 
@@ -37,6 +39,7 @@ from srpo_megatron.runtime.progress import opaque_phase
 
 _STEP_DIR = re.compile(r"^step_(\d{6,})$")
 TEACHER_PREFIX = "teacher."
+_OPTIM_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
 
 
 def checkpoint_root(cfg: Config) -> Path:
@@ -60,7 +63,9 @@ def _sharded_state(actor, *, is_loading: bool) -> dict:
     return {
         "model": student,
         "teacher": actor.teacher.sharded_state_dict(prefix=TEACHER_PREFIX),
-        "optimizer": actor.optimizer.sharded_state_dict(student, is_loading=is_loading),
+        "optimizer": actor.optimizer.sharded_state_dict(
+            student, is_loading=is_loading, metadata=_OPTIM_METADATA
+        ),
     }
 
 
@@ -106,12 +111,14 @@ def save_checkpoint(
             shutil.rmtree(leftover)
         (tmp / MODEL_DIR).mkdir(parents=True)
         (tmp / "rng").mkdir()
+        (tmp / "teacher_fp32").mkdir()
     dist.barrier()
 
     # one device for every tensor of the save (teacher_offload)
     with actor.teacher_on_device(), opaque_phase(f"saving checkpoint {final.name}", enabled=rank == 0):
         dist_checkpointing.save(_sharded_state(actor, is_loading=False), str(tmp / MODEL_DIR))
     torch.save(_rng_state(routing_rng), tmp / "rng" / f"rank_{rank:05d}.pt")
+    torch.save(actor.ema.state_dict(), tmp / "teacher_fp32" / f"rank_{rank:05d}.pt")
     dist.barrier()  # every shard and every RNG file is on disk
 
     if rank == 0:
@@ -177,7 +184,8 @@ def load_checkpoint(path: Path, cfg: Config, actor, dataset, routing_rng) -> tup
             loaded = dist_checkpointing.load(_sharded_state(actor, is_loading=True), str(path / MODEL_DIR))
         _load_module(actor.student, loaded["model"], "")
         _load_module(actor.teacher, loaded["teacher"], TEACHER_PREFIX)
-    actor.optimizer.load_state_dict(loaded["optimizer"])
+    actor.load_optimizer_state(loaded["optimizer"])
+    actor.ema.load_state_dict(torch.load(path / "teacher_fp32" / f"rank_{dist.get_rank():05d}.pt"))
     actor.scheduler.load_state_dict(state["scheduler"])
     dataset.load_state_dict(state["data"])
     rng_file = path / "rng" / f"rank_{dist.get_rank():05d}.pt"

@@ -145,7 +145,8 @@ def train_step(run: Run, step: int) -> dict[str, float]:
         with timer("sync"):
             sync_metrics = sync_weights(actor, run.engine, cfg, run.hf_config)
 
-    metrics = ro.metrics(routing, old, teacher) | _reduce_train_metrics(train_metrics) | sync_metrics
+    metrics = ro.metrics(routing, cfg.algorithm.variant, old, teacher) | _reduce_train_metrics(train_metrics)
+    metrics |= sync_metrics
     return _from_last_stage(metrics) | timer.seconds
 
 
@@ -293,45 +294,69 @@ def _global_weight_stats(inputs: list[TrainInputs], micro_batches, beta: float):
     return total[0], total[1]
 
 
-def _reduce_train_metrics(per_update: list[dict]) -> dict[str, float]:
-    """One number per key over the step's optimizer updates and their micro-batches.
+# The tokens each per-micro-batch statistic is a mean over, by key prefix.
+_TOKENS_OF = {
+    "route/": lambda m: m["valid_tokens"],
+    "is/": lambda m: m["valid_tokens"],
+    "grpo/": lambda m: round(m["route/grpo_token_frac"] * m["valid_tokens"]),
+    "sdpo/": lambda m: round(m["route/sdpo_token_frac"] * m["valid_tokens"]),
+    "dw/": lambda m: round(m["route/sdpo_token_frac"] * m["valid_tokens"]),
+}
 
-    Loss terms are numerators: summed, then divided by the step's token count. Branch statistics
-    are means over that branch's tokens (a micro-batch without such tokens does not count);
-    weight min / max are the extremes.
+
+def _reduce_train_metrics(per_update: list[dict]) -> dict[str, float]:
+    """One number per key over the step's optimizer updates, their micro-batches and every
+    data-parallel rank (collective over data parallel on the last pipeline stage).
+
+    Loss terms are numerators: summed, then divided by the step's global token count. Statistics
+    are token-weighted means over their branch's tokens (0 where a branch has none); weight min /
+    max are the extremes over the tokens that have a weight.
     """
+    from megatron.core import parallel_state
+
     out: dict[str, float] = {}
-    for key in ("grad_norm", "lr", "update_ok"):
+    for key in ("grad_norm", "lr", "update_ok"):  # the same on every rank
         values = [u[key] for u in per_update if math.isfinite(u[key])]
         out[key] = sum(values) / len(values) if values else float("nan")
     out["skipped_updates"] = sum(u["skipped_update"] for u in per_update)
     micro = [m for update in per_update for m in update["micro_batches"]]
     if not micro:  # not the last pipeline stage
         return out
-    tokens = max(sum(m["num_tokens"] for m in micro), 1)
-    out["loss/grpo"] = sum(m["loss/grpo"] for m in micro) / tokens
-    out["loss/sdpo"] = sum(m["loss/sdpo"] for m in micro) / tokens
+    means = [k for k in micro[0] if k.startswith(tuple(_TOKENS_OF)) and not k.endswith(("_min", "_max"))]
+    extremes = [k for k in micro[0] if k.endswith(("_min", "_max"))]
+    sums = torch.zeros(3 + 2 * len(means), dtype=torch.float64)  # loss numerators, token count, ...
+    for m in micro:
+        sums[0] += m["loss/grpo"]
+        sums[1] += m["loss/sdpo"]
+        sums[2] += m["num_tokens"]
+        for j, key in enumerate(means):
+            tokens = next(weigh(m) for prefix, weigh in _TOKENS_OF.items() if key.startswith(prefix))
+            sums[3 + 2 * j] += m[key] * tokens
+            sums[4 + 2 * j] += tokens
+    # an extreme over no token is +-inf here and 0 in the log, as the loss's own metrics have it
+    lows = torch.full((len(extremes),), math.inf, dtype=torch.float64)
+    highs = torch.full((len(extremes),), -math.inf, dtype=torch.float64)
+    for m in micro:
+        if round(m["route/sdpo_token_frac"] * m["valid_tokens"]) == 0:
+            continue  # dw/weight_* are over SDPO tokens
+        for j, key in enumerate(extremes):
+            lows[j] = min(lows[j], m[key])
+            highs[j] = max(highs[j], m[key])
+    group = parallel_state.get_data_parallel_group()
+    dist.all_reduce(sums, group=group)
+    dist.all_reduce(lows, op=dist.ReduceOp.MIN, group=group)
+    dist.all_reduce(highs, op=dist.ReduceOp.MAX, group=group)
+
+    tokens = max(float(sums[2]), 1.0)
+    out["loss/grpo"] = float(sums[0]) / tokens
+    out["loss/sdpo"] = float(sums[1]) / tokens
     out["loss"] = out["loss/grpo"] + out["loss/sdpo"]
-    branch_tokens = {
-        "grpo/": [m["route/grpo_token_frac"] * m["valid_tokens"] for m in micro],
-        "sdpo/": [m["route/sdpo_token_frac"] * m["valid_tokens"] for m in micro],
-        "dw/": [m["route/sdpo_token_frac"] * m["valid_tokens"] for m in micro],
-        "is/": [m["valid_tokens"] for m in micro],
-    }
-    for key in micro[0]:
-        prefix = next((p for p in branch_tokens if key.startswith(p)), None)
-        if prefix is None:
-            continue
-        weights = branch_tokens[prefix]
-        present = [(m[key], w) for m, w in zip(micro, weights, strict=True) if w > 0]
-        if not present:
-            out[key] = 0.0
-        elif key.endswith("_min"):
-            out[key] = min(v for v, _ in present)
-        elif key.endswith("_max"):
-            out[key] = max(v for v, _ in present)
-        else:
-            out[key] = sum(v * w for v, w in present) / sum(w for _, w in present)
+    for j, key in enumerate(means):
+        weight = float(sums[4 + 2 * j])
+        out[key] = float(sums[3 + 2 * j]) / weight if weight > 0 else 0.0
+    for j, key in enumerate(extremes):
+        value = float(lows[j] if key.endswith("_min") else highs[j])
+        out[key] = value if math.isfinite(value) else 0.0
     return out
 
 

@@ -140,23 +140,26 @@ class StepRollouts:
             teacher_logp=rows(lambda i: teacher.get(i, {}).get("logp")) if has_teacher_rows else None,
         )
 
-    def metrics(self, routing, old: dict | None, teacher: dict | None) -> dict[str, float]:
+    def metrics(self, routing, variant: str, old: dict | None, teacher: dict | None) -> dict[str, float]:
+        """The step's rollout statistics. Routing is the same on every rank; the teacher's numbers
+        and the log-prob gap are reduced over data parallel (collectives on every rank)."""
         lengths = torch.tensor([len(r) for r in self.response_ids], dtype=torch.float32)
+        sdpo = routing.route_sdpo.float()
+        grpo = torch.zeros_like(sdpo) if variant == "sdpo" else 1.0 - sdpo  # sdpo: the others get no loss
         out = {
             "reward_mean": self.rewards.mean().item(),
-            "sdpo_fraction": routing.route_sdpo.float().mean().item(),
-            "grpo_fraction": 1.0 - routing.route_sdpo.float().mean().item(),
+            "sdpo_fraction": sdpo.mean().item(),
+            "grpo_fraction": grpo.mean().item(),
             "fallback_fraction": routing.fallback.float().mean().item(),
             "response_length_mean": lengths.mean().item(),
             "stop_fraction": sum(r == "stop" for r in self.batch.finish_reasons) / len(self),
-            "sdpo_rollouts": int(routing.route_sdpo.sum()),
-            "teacher_rollouts": _sum_over_data_parallel(self.teacher_rows),
         }
-        if teacher:
-            entropy = torch.cat([t["entropy"] for t in teacher.values()])
-            out["teacher_entropy_mean"] = entropy.mean().item()
-        else:
-            out["teacher_entropy_mean"] = 0.0
+        # teacher rollouts and entropy: every rank scores its share; only the last stage has entropies
+        entropy = torch.cat([t["entropy"] for t in teacher.values()]) if teacher else torch.zeros(0)
+        sums = torch.tensor([self.teacher_rows, entropy.double().sum(), entropy.numel()], dtype=torch.float64)
+        _all_reduce_over_data_parallel(sums)
+        out["teacher_rollouts"] = int(sums[0])
+        out["teacher_entropy_mean"] = float(sums[1] / sums[2]) if sums[2] > 0 else 0.0
         if old is not None:  # last pipeline stage: this rank's share, reduced over data parallel
             train_logp = torch.cat([old[i]["logp"] for i in old])
             rollout_logp = torch.cat([self.batch.rollout_logp[i] for i in old])
@@ -165,12 +168,10 @@ class StepRollouts:
         return out
 
 
-def _sum_over_data_parallel(value: int) -> int:
+def _all_reduce_over_data_parallel(sums: torch.Tensor) -> None:
     from megatron.core import parallel_state
 
-    total = torch.tensor([value], dtype=torch.long)
-    dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
-    return int(total)
+    dist.all_reduce(sums, group=parallel_state.get_data_parallel_group())
 
 
 def _reduce_gap_over_data_parallel(gap: LogpGap) -> LogpGap:

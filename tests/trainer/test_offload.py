@@ -30,7 +30,7 @@ def test_parking_round_trip(device):
     before = [p.detach().clone() for p in params]
     allocated = torch.cuda.memory_allocated() if device == "cuda" else 0
 
-    parking = HostParking(model)  # parks at once
+    parking = HostParking(dict(model.named_parameters()))  # parks at once
     assert list(model.parameters()) == params  # the same Parameter objects, still tied
     assert model[1].weight is model[0].weight
     assert all(p.device.type == "cpu" for p in params)

@@ -65,7 +65,7 @@ def test_colocated_engines_launched_by_the_trainer(tiny_run_inputs, tmp_path):
     assert [r["step"] for r in records] == [1, 2]
     for r in records:  # both engines sample with the trainer's weights, synced after every step
         assert r["logp_gap_max"] < 1e-4
-        assert r["teacher_rollouts"] == r["sdpo_rollouts"]
+        assert r["teacher_rollouts"] == round(r["sdpo_fraction"] * 16)  # 4 prompts x 4 samples
     logs = sorted((tmp_path / "sglang").glob("sglang_*.log"))
     assert len(logs) == 2
     for log in logs:

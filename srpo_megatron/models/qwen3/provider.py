@@ -84,5 +84,11 @@ def build_qwen3_model(
         rotary_base=arch.rope_theta,
         vp_stage=None,
     )
+    # Megatron's local spec builds its norms (torch.nn.RMSNorm) in fp32 whatever params_dtype; TE's
+    # follow params_dtype. Cast them, so that both specs hold one dtype, as Megatron's own
+    # Float16Module would (bf16 weights; the norms still reduce in fp32 inside the kernel).
+    for param in model.parameters():
+        if param.dtype != params_dtype:
+            param.data = param.data.to(params_dtype)
     model.hf_vocab_size = arch.vocab_size
     return model

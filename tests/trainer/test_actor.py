@@ -1,0 +1,84 @@
+"""The actor in the configuration GPUs run: Megatron's distributed optimizer (fp32 main parameters
+and gradients), bf16 parameters, data parallel 2, several micro-batches per rank.
+
+- the EMA teacher follows theta_T <- 0.95 theta_T + 0.05 theta_S on fp32 values in bf16 too;
+- the gradient and the logged loss terms at DP=2 with micro-batches equal those of one process over
+  the whole mini-batch as one micro-batch (ALGORITHM.md sec. 6: one global denominator).
+"""
+
+import pytest
+import torch
+from actor_steps import train_steps_in_ranks
+
+from srpo_megatron.runtime.launch import run_distributed
+
+
+def _overrides(root, out, *extra):
+    return [
+        f"model.hf_dir={root / 'model'}",
+        f"data.train_files=[{root / 'train.parquet'}]",
+        "data.test_files=[]",
+        "model.tp=1",
+        "train.prompts_per_step=4",
+        "train.mini_batch_prompts=4",  # one optimizer update per step
+        "rollout.n=4",
+        "rollout.max_new_tokens=6",
+        "algorithm.topk=8",
+        "optim.warmup_steps=0",
+        f"log.output_dir={out}",
+        "log.tensorboard=false",
+        *extra,
+    ]
+
+
+def _run(world_size, overrides, steps):
+    return run_distributed(
+        train_steps_in_ranks, world_size=world_size, megatron=False, args=(overrides, steps), timeout=600
+    )[0]
+
+
+def test_bf16_ema_teacher_follows_the_fp32_recurrence(tiny_run_inputs, tmp_path):
+    """At lr 5e-6 a step of the teacher is far below bf16's resolution: in-place bf16 updates
+    would leave it at its initial weights. It must equal the fp32 recurrence, cast to bf16."""
+    steps, rate = 4, 0.05
+    out = _run(2, _overrides(tiny_run_inputs, tmp_path, "model.dtype=bfloat16", "optim.lr=5e-6"), steps)
+    reference = {name: p.float() for name, p in out["initial"].items()}  # the teacher starts as the student
+    moved = 0
+    for step in range(steps):
+        for name, ref in reference.items():
+            ref.lerp_(out["main"][step][name], rate)
+        for name, teacher in out["teacher"][step].items():
+            assert teacher.dtype == torch.bfloat16
+            assert torch.equal(teacher, reference[name].to(torch.bfloat16)), (step, name)
+    for name, teacher in out["teacher"][-1].items():
+        moved += int((teacher != out["initial"][name]).sum())
+    assert moved > 0
+    assert all(m["update_ok"] == 1.0 for m in out["metrics"])
+
+
+@pytest.fixture(scope="module")
+def sharded_and_whole(tiny_run_inputs, tmp_path_factory):
+    """One fp32 step at DP=2 with several micro-batches per rank, and the same step in one process
+    with the whole mini-batch in one micro-batch."""
+    sharded = _overrides(tiny_run_inputs, tmp_path_factory.mktemp("dp2"), "train.micro_batch_tokens=40")
+    whole = _overrides(tiny_run_inputs, tmp_path_factory.mktemp("dp1"), "train.micro_batch_tokens=100000")
+    return _run(2, sharded, 1), _run(1, whole, 1)
+
+
+def test_dp2_micro_batched_gradient_equals_the_whole_batch_gradient(sharded_and_whole):
+    sharded, whole = sharded_and_whole
+    assert sharded["metrics"][0]["sdpo_fraction"] > 0 and sharded["metrics"][0]["grpo_fraction"] > 0
+    for name, expected in whole["grad"].items():
+        got = sharded["grad"][name]
+        assert expected.norm() > 0, name
+        assert (got - expected).norm() <= 1e-6 * expected.norm(), name
+
+
+def test_dp2_logged_loss_equals_the_whole_batch_loss(sharded_and_whole):
+    sharded, whole = (run["metrics"][0] for run in sharded_and_whole)
+    # (the divergence itself is fp32 noise here: the teacher equals the student at step 1)
+    for key in ("loss", "loss/grpo", "loss/sdpo", "route/sdpo_token_frac", "is/tis_mean", "grpo/ratio_mean"):
+        assert sharded[key] == pytest.approx(whole[key], rel=1e-5, abs=1e-9), key
+    assert sharded["loss/grpo"] != 0 and sharded["loss/sdpo"] != 0
+    for key in ("reward_mean", "sdpo_fraction", "teacher_rollouts", "teacher_entropy_mean"):
+        assert sharded[key] == pytest.approx(whole[key], rel=1e-5), key
