@@ -35,6 +35,22 @@ _WARNINGS = (
     # megatron-core's own TransformerConfig default (cuda_graph_modules="full") trips its own
     # deprecation; the actor captures no CUDA graphs.
     (r"full scope is deprecated", UserWarning, r"megatron\.core\.transformer\.transformer_config"),
+    # megatron-core's distributed optimizer zero_grad asks for `.grad` of its fp32 shard views of the
+    # parameters (optimizer.py, _zero_grad_group_helper); their gradients are copied in from the DDP
+    # grad buffers, never written by autograd. On CPU the CPU shim's torch-function frame is the one
+    # that runs the attribute access, so the warning is attributed to it.
+    (
+        r"The \.grad attribute of a Tensor that is not a leaf Tensor is being accessed",
+        UserWarning,
+        r"(megatron\.core\.optimizer\.|srpo_megatron\.runtime\.cpu)",
+    ),
+    # megatron-core 0.19.2's grad and param buffers call torch's older names of these collectives,
+    # which torch 2.14 still runs as before.
+    (
+        r"`torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor)` is deprecated",
+        FutureWarning,
+        r"torch\.distributed\.",
+    ),
     # megatron-core's torch_dist checkpoints are built on torch's ShardedTensor and call its load
     # positionally; the converters load as a world of one process, which is what torch assumes.
     (r"Please use DTensor instead and we are deprecating ShardedTensor", FutureWarning, r""),
@@ -52,6 +68,12 @@ _LOG_LINES = {
     # Printed by every GPTModel constructor: megatron-core 0.19 points new work at HybridModel;
     # GPTModel is its dense decoder, the one our checkpoints and schedules are built on (DESIGN.md).
     "megatron.core.models.gpt.gpt_model": ("GPTModel IS DEPRECATED",),
+    # trainer/actor.py builds DDP with the distributed optimizer without a precomputed layout; DDP
+    # then computes the same one itself (megatron-core keeps this path for such callers). Passing
+    # DistributedOptimizer.compute_full_param_layout() would make this filter unnecessary.
+    "megatron.core.distributed.distributed_data_parallel": (
+        "DistributedDataParallel: full_param_layout not provided",
+    ),
     # torch looks for a CUDA toolkit when its extension builder is imported; we build no extensions.
     "torch.utils.cpp_extension": ("No CUDA runtime is found",),
     # The logged twin of the `past_key_values` FutureWarning above (also on `out.past_key_values`).
