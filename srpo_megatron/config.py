@@ -162,6 +162,14 @@ class EvalConfig:
 
 
 @dataclass
+class RewardConfig:
+    tool_use_parser: Literal["balanced", "reference"] = "balanced"
+    """How the tool-use verifier reads `Action Input: {...}` (rewards/tool_use.py), in training and
+    evaluation alike: "balanced" parses the whole JSON object; "reference" is SDPO's parser exactly
+    (up to the first `}`, Python ==), to reproduce its published tool-use numbers."""
+
+
+@dataclass
 class LogConfig:
     run_name: str = "srpo"
     output_dir: str | None = None
@@ -180,6 +188,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     ckpt: CkptConfig = field(default_factory=CkptConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
     @property

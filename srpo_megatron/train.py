@@ -13,9 +13,9 @@ torchrun, a GPU or any weights.
 import argparse
 import os
 import sys
-import warnings
 
 from srpo_megatron.config import Config, load_config, to_yaml, validate_layout
+from srpo_megatron.runtime.quiet import silence_known_noise
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
@@ -41,6 +41,7 @@ def dry_run(cfg: Config, world_size: int, gpu_memory_gib: float = 80.0) -> None:
     from srpo_megatron.models.qwen3.config import load_hf_config
     from srpo_megatron.models.qwen3.provider import build_qwen3_model
     from srpo_megatron.runtime.distributed import ParallelLayout, destroy_distributed, init_distributed
+    from srpo_megatron.trainer.header import engine_plan
 
     local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
     dp = validate_layout(cfg, world_size, local_world_size)
@@ -56,8 +57,15 @@ def dry_run(cfg: Config, world_size: int, gpu_memory_gib: float = 80.0) -> None:
     os.environ["MASTER_PORT"] = str(find_free_port())
     init_distributed(ParallelLayout(), seed=cfg.train.seed)
     try:
+        # padded as the trained layout pads: to a multiple of divisor x tp (a world of one has tp 1)
+        divisor = cfg.model.make_vocab_size_divisible_by * cfg.model.tp
         with torch.device("meta"):
-            model = build_qwen3_model(hf_config, params_dtype=torch.bfloat16, init_weights=False)
+            model = build_qwen3_model(
+                hf_config,
+                params_dtype=torch.bfloat16,
+                make_vocab_size_divisible_by=divisor,
+                init_weights=False,
+            )
         total = sum(p.numel() for p in model.parameters())
     finally:
         destroy_distributed()
@@ -66,12 +74,12 @@ def dry_run(cfg: Config, world_size: int, gpu_memory_gib: float = 80.0) -> None:
     print(to_yaml(cfg))
     print(
         f"plan: world {world_size} = tp {cfg.model.tp} x pp {cfg.model.pp} x dp {dp}\n"
-        f"model: {hf_config.get('architectures', ['?'])[0]} {total / 1e9:.3f} B parameters "
-        f"(Megatron, vocab padded), about {per_rank / 1e9:.3f} B per rank; EMA teacher sharded alike\n"
+        f"model: {hf_config.get('architectures', ['?'])[0]} {total:,} parameters "
+        f"(Megatron, vocab padded for tp {cfg.model.tp}), about {per_rank / 1e9:.3f} B per rank; EMA teacher sharded alike\n"
         f"step: {cfg.train.prompts_per_step} prompts x {cfg.rollout.n} rollouts = "
         f"{cfg.train.prompts_per_step * cfg.rollout.n} rollouts, {updates} optimizer step(s) of "
         f"{cfg.train.mini_batch_prompts} prompts, {cfg.train.total_steps} steps\n"
-        f"algorithm: {cfg.algorithm.variant}; rollouts: {_engine_plan(cfg, local_world_size)}\n"
+        f"algorithm: {cfg.algorithm.variant}; rollouts: {engine_plan(cfg, local_world_size)}\n"
         f"output: {cfg.output_dir}\n"
         f"{_memory_plan(cfg, per_rank, dp, gpu_memory_gib)}\n"
         "dry run OK"
@@ -109,23 +117,9 @@ def _memory_plan(cfg: Config, params_per_rank: float, dp: int, gpu_memory_gib: f
     return line
 
 
-def _engine_plan(cfg: Config, local_world_size: int) -> str:
-    r = cfg.rollout
-    if r.engine == "hf":
-        return "the HF engine on global rank 0 (CPU / debugging)"
-    engines = f"{r.num_engines} SGLang engine(s) x TP {r.engine_tp}"
-    weights = "weights by CUDA IPC" if r.mode == "colocated" else "weights by NCCL broadcast"
-    if r.engine_urls:
-        return f"{engines} at {', '.join(r.engine_urls)} ({r.mode}), {weights}"
-    first = 0 if r.mode == "colocated" else local_world_size
-    where = f"GPUs {first}-{first + r.num_engines * r.engine_tp - 1} of rank 0's node"
-    memory = ", memory released while the actor trains" if r.mode == "colocated" else ""
-    return f"{engines}, launched {r.mode} on {where}{memory}, {weights}"
-
-
 def main(argv: list[str] | None = None) -> int:
     args, overrides = parse_args(argv)
-    warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
+    silence_known_noise()
     try:
         cfg = load_config(args.config, overrides)
     except ValueError as err:
@@ -136,8 +130,11 @@ def main(argv: list[str] | None = None) -> int:
             dry_run(cfg, args.world_size or int(os.environ.get("WORLD_SIZE", "1")), args.gpu_memory_gib)
         return 0
     from srpo_megatron.runtime.distributed import destroy_distributed
+    from srpo_megatron.trainer.header import config_line
     from srpo_megatron.trainer.loop import train
 
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(config_line(args.config, overrides), flush=True)
     try:
         train(cfg)
     finally:

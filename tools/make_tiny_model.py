@@ -38,8 +38,13 @@ def main(argv: list[str] | None = None) -> dict:
         seed=args.seed,
         teacher_fraction=args.teacher_fraction,
     )
+    print(
+        f"making {args.out_dir} (once): a random tiny Qwen3, then a format warm-up of {config.steps} steps "
+        f"x {config.batch_size} (about 200 s on 2 cores)",
+        flush=True,
+    )
     start = time.perf_counter()
-    losses = format_warmup(model, tokenizer, config)
+    losses = format_warmup(model, tokenizer, config, progress=True)
     seconds = time.perf_counter() - start
     report = {
         "warmup": vars(config),

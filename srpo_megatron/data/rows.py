@@ -103,7 +103,7 @@ def parse_row(record: Any) -> PromptRow:
     raise _BadRow("neither a verl-style row (no 'data_source') nor an SDPO row (no 'dataset')")
 
 
-def _read_records(path: Path):
+def read_records(path: Path):
     """Yield (row number, record) pairs; row numbers are 1-based (JSON lines: the line number)."""
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
@@ -138,7 +138,7 @@ def load_rows(path: str | Path) -> list[PromptRow]:
             f"{path}: unsupported data file type {path.suffix!r} (use .parquet, .jsonl or .json)"
         )
     rows = []
-    for number, record in _read_records(path):
+    for number, record in read_records(path):
         try:
             rows.append(parse_row(record))
         except _BadRow as err:

@@ -27,6 +27,7 @@ from srpo_megatron.data.synthetic import LETTERS, make_synthetic_rows
 from srpo_megatron.data.teacher_prompt import build_teacher_messages
 from srpo_megatron.data.templating import encode_prompt
 from srpo_megatron.rewards import score_science_mcq
+from srpo_megatron.runtime.progress import progress_bar
 
 _FORMAT_RE = re.compile(r"<answer>[A-D]</answer>")
 
@@ -104,35 +105,39 @@ def _batch(tokenizer, prompts: list[list[int]], targets: list[list[int]]):
     return input_ids, mask, torch.tensor(rows), torch.tensor(cols), torch.tensor(labels)
 
 
-def format_warmup(model, tokenizer, config: WarmupConfig) -> list[float]:
+def format_warmup(model, tokenizer, config: WarmupConfig, *, progress: bool = False) -> list[float]:
     """Supervised warm-up on the answer format with uniformly random letters; returns the losses.
 
     Deterministic by config.seed: the prompts and letters come from seeded `random.Random`
     streams and the model is trained in a fixed order with a fixed thread count.
+    progress: draw a bar with the loss and the time left (about 200 s of the tiny run's first start).
     """
     rows = make_synthetic_rows(config.steps * config.batch_size, config.seed, split="warmup")
     letters = random.Random(f"warmup-letters/{config.seed}")
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)
     model.train()
     losses = []
-    for step in range(config.steps):
-        batch = rows[step * config.batch_size : (step + 1) * config.batch_size]
-        prompts, targets = [], []
-        for row in batch:
-            letter = letters.choice(LETTERS)
-            messages = row.messages
-            if letters.random() < config.teacher_fraction:
-                messages = build_teacher_messages(messages, f"<answer>{letter}</answer>")
-            prompts.append(encode_prompt(tokenizer, messages))
-            targets.append(answer_ids(tokenizer, letter))
-        input_ids, mask, rows_at, cols_at, labels = _batch(tokenizer, prompts, targets)
-        hidden = model.model(input_ids=input_ids, attention_mask=mask).last_hidden_state  # [B, T, H]
-        logits = model.lm_head(hidden[rows_at, cols_at])  # [N, V], N = target tokens only
-        loss = F.cross_entropy(logits, labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    with progress_bar(progress) as bar:
+        task = bar.add_task("format warm-up", total=config.steps)
+        for step in range(config.steps):
+            batch = rows[step * config.batch_size : (step + 1) * config.batch_size]
+            prompts, targets = [], []
+            for row in batch:
+                letter = letters.choice(LETTERS)
+                messages = row.messages
+                if letters.random() < config.teacher_fraction:
+                    messages = build_teacher_messages(messages, f"<answer>{letter}</answer>")
+                prompts.append(encode_prompt(tokenizer, messages))
+                targets.append(answer_ids(tokenizer, letter))
+            input_ids, mask, rows_at, cols_at, labels = _batch(tokenizer, prompts, targets)
+            hidden = model.model(input_ids=input_ids, attention_mask=mask).last_hidden_state  # [B, T, H]
+            logits = model.lm_head(hidden[rows_at, cols_at])  # [N, V], N = target tokens only
+            loss = F.cross_entropy(logits, labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+            bar.update(task, advance=1, description=f"format warm-up, loss {losses[-1]:.3f}")
     model.eval()
     return losses
 

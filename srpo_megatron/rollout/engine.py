@@ -12,7 +12,7 @@ colocated, which ``SGLangFleet`` brings back around the next weight sync); elsew
 nothing.
 """
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -74,7 +74,14 @@ class RolloutBatch:
 
 
 class RolloutEngine(Protocol):
-    def generate(self, prompt_ids: Sequence[Sequence[int]], params: SamplingParams) -> RolloutBatch: ...
+    def generate(
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        params: SamplingParams,
+        on_done: Callable[[int], None] | None = None,
+    ) -> RolloutBatch:
+        """``on_done(k)``: k more samples are finished (progress of a long call, e.g. evaluation)."""
+        ...
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load HF-named full tensors (a bucket or the whole model) in place."""

@@ -11,7 +11,7 @@ Weights come in by HF name (``update_weights``), the same stream SGLang receives
 in the exporter shows up here as a train/rollout log-prob gap.
 """
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
@@ -60,7 +60,13 @@ class HFEngine:
         return next(self.model.parameters()).device
 
     @torch.no_grad()
-    def generate(self, prompt_ids: Sequence[Sequence[int]], params: SamplingParams) -> RolloutBatch:
+    def generate(
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        params: SamplingParams,
+        on_done: Callable[[int], None] | None = None,
+    ) -> RolloutBatch:
+        """Samples in decode batches of ``max_batch_size``; ``on_done`` hears after each batch."""
         if any(len(p) == 0 for p in prompt_ids):
             raise ValueError("empty prompt: every prompt needs at least one token")
         prompt_index = [i for i in range(len(prompt_ids)) for _ in range(params.n)]
@@ -75,6 +81,8 @@ class HFEngine:
             responses += r
             logps += lp
             reasons += fr
+            if on_done is not None:
+                on_done(len(chunk))
         return RolloutBatch(
             prompt_index=prompt_index,
             prompt_ids=[list(prompt_ids[i]) for i in prompt_index],

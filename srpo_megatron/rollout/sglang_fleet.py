@@ -22,8 +22,8 @@ Generation splits the prompts into contiguous shares, one per engine, run concur
 engine's HTTP calls go through its own worker thread), and concatenates the results in prompt order.
 """
 
-from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
 
 import torch
@@ -105,7 +105,13 @@ class SGLangFleet:
                 )
 
     # -- generation ------------------------------------------------------------------------------
-    def generate(self, prompt_ids: Sequence[Sequence[int]], params: SamplingParams) -> RolloutBatch:
+    def generate(
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        params: SamplingParams,
+        on_done: Callable[[int], None] | None = None,
+    ) -> RolloutBatch:
+        """``on_done`` hears as each engine's share comes back (one request per engine)."""
         shares = _split(len(prompt_ids), len(self.engines))
         futures = [
             (
@@ -117,6 +123,9 @@ class SGLangFleet:
             for engine, (start, stop) in zip(self.engines, shares, strict=True)
             if stop > start
         ]
+        if on_done is not None:
+            for future in as_completed(f for _, f in futures):
+                on_done(len(future.result()))
         parts = [(start, future.result()) for start, future in futures]
         return RolloutBatch(
             prompt_index=[start + i for start, part in parts for i in part.prompt_index],

@@ -25,6 +25,7 @@ from srpo_megatron.runtime.distributed import (
     find_free_port,
     init_distributed,
 )
+from srpo_megatron.runtime.quiet import silence_known_noise
 
 
 def _worker(rank, world_size, port, layout, megatron, seed, fn, args, kwargs, results):
@@ -35,6 +36,7 @@ def _worker(rank, world_size, port, layout, megatron, seed, fn, args, kwargs, re
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
     )
+    silence_known_noise()  # a spawned child starts with Python's default filters
     try:
         init_distributed(layout, seed=seed, megatron=megatron, timeout_minutes=5)
         result = fn(*args, **kwargs)

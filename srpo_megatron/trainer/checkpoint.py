@@ -35,6 +35,7 @@ import torch.distributed as dist
 from srpo_megatron.config import Config, to_dict
 from srpo_megatron.models.qwen3.checkpoint import MODEL_DIR, write_meta
 from srpo_megatron.runtime.distributed import child_process_env
+from srpo_megatron.runtime.progress import opaque_phase
 
 _STEP_DIR = re.compile(r"^step_(\d{6,})$")
 TEACHER_PREFIX = "teacher."
@@ -113,7 +114,8 @@ def save_checkpoint(
         (tmp / "teacher_fp32").mkdir()
     dist.barrier()
 
-    with actor.teacher_on_device():  # one device for every tensor of the save (teacher_offload)
+    # one device for every tensor of the save (teacher_offload)
+    with actor.teacher_on_device(), opaque_phase(f"saving checkpoint {final.name}", enabled=rank == 0):
         dist_checkpointing.save(_sharded_state(actor, is_loading=False), str(tmp / MODEL_DIR))
     torch.save(_rng_state(routing_rng), tmp / "rng" / f"rank_{rank:05d}.pt")
     torch.save(actor.ema.state_dict(), tmp / "teacher_fp32" / f"rank_{rank:05d}.pt")
@@ -178,7 +180,8 @@ def load_checkpoint(path: Path, cfg: Config, actor, dataset, routing_rng) -> tup
             "mcore_to_hf.py, then model.hf_dir=...) and start a new run."
         )
     with actor.teacher_on_device():
-        loaded = dist_checkpointing.load(_sharded_state(actor, is_loading=True), str(path / MODEL_DIR))
+        with opaque_phase(f"loading checkpoint {path.name}", enabled=dist.get_rank() == 0):
+            loaded = dist_checkpointing.load(_sharded_state(actor, is_loading=True), str(path / MODEL_DIR))
         _load_module(actor.student, loaded["model"], "")
         _load_module(actor.teacher, loaded["teacher"], TEACHER_PREFIX)
     actor.load_optimizer_state(loaded["optimizer"])

@@ -14,6 +14,7 @@ from srpo_megatron.data.templating import tokenize_and_filter
 from srpo_megatron.rewards.registry import get_reward_fn
 from srpo_megatron.rollout.engine import SamplingParams
 from srpo_megatron.runtime.distributed import from_rank_0
+from srpo_megatron.runtime.progress import progress_bar
 
 BUDGET_HOURS = (1, 5, 10)
 
@@ -38,12 +39,17 @@ def evaluate(engine, cfg: Config, tokenizer, prompts, stop_token_ids, *, seed: i
             stop_token_ids=tuple(stop_token_ids),
             seed=seed,
         )
-        batch = engine.generate([p.prompt_ids for p in prompts], params)
+        with progress_bar() as bar:
+            task = bar.add_task(f"evaluation, avg@{n} on {len(prompts)} prompts", total=len(prompts) * n)
+            batch = engine.generate(
+                [p.prompt_ids for p in prompts], params, on_done=lambda k: bar.advance(task, k)
+            )
         per_source: dict[str, list[float]] = defaultdict(list)
         for i, response in enumerate(batch.response_ids):
             row = prompts[batch.prompt_index[i]].row
             text = tokenizer.decode(response, skip_special_tokens=True)
-            per_source[row.data_source].append(get_reward_fn(row.data_source)(text, row.ground_truth).score)
+            reward_fn = get_reward_fn(row.data_source, tool_use_parser=cfg.reward.tool_use_parser)
+            per_source[row.data_source].append(reward_fn(text, row.ground_truth).score)
         key = f"avg@{n}"
         metrics = {f"eval/{source}/{key}": sum(s) / len(s) for source, s in sorted(per_source.items())}
         metrics[f"eval/{key}"] = sum(metrics.values()) / len(metrics)

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from srpo_megatron.algorithms import compute_group_advantages, compute_weight_stats, route_rollouts
-from srpo_megatron.config import Config, validate_layout
+from srpo_megatron.config import Config, to_dict, validate_layout
 from srpo_megatron.runtime.distributed import ParallelLayout, from_rank_0, init_distributed
 from srpo_megatron.trainer.actor import MegatronActor, TrainInputs
 from srpo_megatron.trainer.batching import build_micro_batches
@@ -32,6 +32,7 @@ from srpo_megatron.trainer.checkpoint import (
 )
 from srpo_megatron.trainer.engines import make_engine, sync_weights
 from srpo_megatron.trainer.evaluation import BestWithinBudget, evaluate, load_eval_prompts
+from srpo_megatron.trainer.header import print_start_header
 from srpo_megatron.trainer.metrics import MetricsLogger, PhaseTimer
 from srpo_megatron.trainer.rollouts import StepRollouts, generate_rollouts, stop_token_ids
 from srpo_megatron.trainer.setup import load_training_data
@@ -64,6 +65,7 @@ class Run:
 def train(cfg: Config) -> RunResult:
     _start_distributed(cfg)
     tokenizer, dataset = load_training_data(cfg)
+    print_start_header(cfg, dataset)
     engine = None
     try:
         engine = _start_engine(cfg, tokenizer)
@@ -112,7 +114,7 @@ def train_step(run: Run, step: int) -> dict[str, float]:
                 run.engine, cfg, run.tokenizer, rows, seed=cfg.train.seed + step
             )
         with timer("reward"):
-            ro.score(rows, run.tokenizer)
+            ro.score(rows, run.tokenizer, cfg.reward.tool_use_parser)
         routing = route_rollouts(ro.rewards, ro.group_ids, cfg.algorithm, generator=run.routing_rng)
         advantages = compute_group_advantages(ro.rewards, ro.group_ids, std_norm=cfg.algorithm.adv_std_norm)
 
@@ -199,6 +201,7 @@ def _setup(cfg: Config, tokenizer, dataset, engine) -> Run:
             tensorboard=cfg.log.tensorboard,
             wandb_project=cfg.log.wandb_project,
             run_name=cfg.log.run_name,
+            config=to_dict(cfg),  # the resolved config: files merged, overrides applied
         ),
         routing_rng=torch.Generator().manual_seed(cfg.train.seed),
         eval_prompts=load_eval_prompts(cfg, tokenizer) if cfg.eval.every >= 0 else [],

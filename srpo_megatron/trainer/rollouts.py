@@ -43,13 +43,15 @@ class StepRollouts:
     def response_ids(self) -> list[list[int]]:
         return self.batch.response_ids
 
-    def score(self, rows, tokenizer) -> None:
-        """Rewards from each prompt's verifier; a verifier never raises on the response text."""
+    def score(self, rows, tokenizer, tool_use_parser: str) -> None:
+        """Rewards from each prompt's verifier (``reward.tool_use_parser`` for tool use); a verifier
+        never raises on the response text."""
         rewards = []
         for i, response in enumerate(self.batch.response_ids):
             row = rows[self.batch.prompt_index[i]].row
             text = tokenizer.decode(response, skip_special_tokens=True)
-            rewards.append(get_reward_fn(row.data_source)(text, row.ground_truth).score)
+            reward_fn = get_reward_fn(row.data_source, tool_use_parser=tool_use_parser)
+            rewards.append(reward_fn(text, row.ground_truth).score)
         self.rewards = torch.tensor(rewards, dtype=torch.float32)
 
     # ---- actor passes ---------------------------------------------------------------------------

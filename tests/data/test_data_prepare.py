@@ -1,6 +1,7 @@
 import json
 
 import pyarrow.parquet as pq
+import pytest
 
 from srpo_megatron.data.prompts import SCIENCE_SYSTEM_PROMPT, TOOL_USE_SYSTEM_PROMPT
 from srpo_megatron.data.rows import load_rows
@@ -96,3 +97,65 @@ def test_toolalpaca(tmp_path, tokenizer):
 
     prepare_data(["toolalpaca", "--input", str(raw), "--out-dir", str(out), "--tool-system-prompt", "none"])
     assert load_rows(out / "train.parquet")[0].messages[0]["role"] == "user"
+
+
+def sdpo_row(i, dataset="sciknoweval"):
+    return {"idx": i, "kind": "mcq", "dataset": dataset, "answer": "A", "prompt": f"Q{i}?", "system": "None"}
+
+
+@pytest.mark.parametrize("kind", ["sciknoweval", "toolalpaca"])
+def test_sdpo_split_files_load_directly(tmp_path, kind):
+    split = tmp_path / "train.json"
+    split.write_text("".join(json.dumps(sdpo_row(i)) + "\n" for i in range(5)))
+    args = [kind, "--input", str(split), "--out-dir", str(tmp_path / "out"), "--domain", "Chemistry"]
+    with pytest.raises(SystemExit) as exit_:
+        prepare_data(args)
+    message = str(exit_.value.code)
+    assert message == (
+        f"{split}: 5 prompt rows in SDPO's form (data_source sciknoweval) that the trainer loads directly, "
+        f"no conversion needed: data.train_files=[{split}] (or data.test_files=[...])"
+    )
+    assert not (tmp_path / "out").exists()
+
+    rows = [sdpo_row(i) for i in range(5)]
+    del rows[2]["answer"]
+    split.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(SystemExit, match=rf"^prepare_data: {split}, row 3: missing field 'answer'$"):
+        prepare_data(args)
+
+
+@pytest.mark.parametrize(
+    ("kind", "records", "error"),
+    [
+        ("toolalpaca", [tool_record("A", 1), {"Description": "d"}], r"row 2: missing field 'Name'$"),
+        ("toolalpaca", [{**tool_record("A", 1), "Instances": "none"}], r"row 1: field 'Instances' must be a list"),
+        (
+            "toolalpaca",
+            [{**tool_record("A", 1), "Instances": [{"input": "x", "intermediate_steps": [[["getThing", "{id: 1}", "t"], "ok"]]}]}],
+            r"row 1, Instances\[0\], intermediate_steps\[0\]: the action input is not JSON",
+        ),
+        (
+            "toolalpaca",
+            [{**tool_record("A", 1), "Instances": [{"input": "x", "intermediate_steps": [["getThing"]]}]}],
+            r"row 1, Instances\[0\], intermediate_steps\[0\]: expected \[\[action, action_input, thought\], observation\]",
+        ),
+        ("toolalpaca", [{**tool_record("A", 1), "Instances": [{"intermediate_steps": [[["a", "{}", "t"], "o"]]}]}], r"row 1, Instances\[0\]: missing field 'input'"),
+        ("sciknoweval", [science_record(0), {k: v for k, v in science_record(1).items() if k != "question"}], r"row 2: missing field 'question'$"),
+        ("sciknoweval", [science_record(0), {**science_record(1), "answerKey": "E"}], r"row 2: field 'answerKey' 'E' is not one of the labels"),
+        ("sciknoweval", [science_record(0), ["not", "a", "record"]], r"row 2: a record must be a JSON object, got list"),
+    ],
+)  # fmt: skip
+def test_bad_records_name_the_file_row_and_field(tmp_path, kind, records, error):
+    raw = tmp_path / "raw.jsonl"
+    raw.write_text("".join(json.dumps(r) + "\n" for r in records))
+    with pytest.raises(SystemExit, match=rf"^prepare_data: {raw}, {error}"):
+        prepare_data([kind, "--input", str(raw), "--out-dir", str(tmp_path / "out"), "--domain", "Physics"])
+
+
+def test_bad_json_names_the_line(tmp_path):
+    raw = tmp_path / "raw.jsonl"
+    raw.write_text(json.dumps(science_record(0)) + "\n{not json\n")
+    with pytest.raises(SystemExit, match=rf"^prepare_data: {raw}, row 2: not valid JSON"):
+        prepare_data(
+            ["sciknoweval", "--input", str(raw), "--out-dir", str(tmp_path / "out"), "--domain", "Physics"]
+        )

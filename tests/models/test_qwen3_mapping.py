@@ -6,7 +6,13 @@ import torch
 from tiny_qwen3 import TINY_QWEN3
 
 from srpo_megatron.models.qwen3.config import Qwen3Arch
-from srpo_megatron.models.qwen3.mapping import hf_tensor_shapes, map_params, merge_shards, read_shard
+from srpo_megatron.models.qwen3.mapping import (
+    count_megatron_params,
+    hf_tensor_shapes,
+    map_params,
+    merge_shards,
+    read_shard,
+)
 from srpo_megatron.models.vocab import mask_padded_vocab, padded_vocab_size
 
 HF_CONFIG = {
@@ -100,3 +106,20 @@ def test_padded_vocab_is_masked_per_shard():
     assert (masked[:, :460] == 0).all() and (masked[:, 460:] == torch.finfo(torch.float32).min).all()
     assert mask_padded_vocab(logits, 1100, vocab_start=0) is logits  # rank 0: nothing padded
     assert (mask_padded_vocab(logits, 1100, vocab_start=1280) < -1e38).all()  # a shard of padding only
+
+
+def test_parameter_count_includes_the_layouts_vocab_padding():
+    """HF's counts at TP 1 (151,936 is a multiple of 128); at TP 4 (2) the vocabulary pads to a
+    multiple of 512 (256): 152,064, 128 rows more in the embedding and, untied, in the output layer.
+    Qwen3-8B is untied (+2 x 128 x 4096), Qwen3-4B tied (+128 x 2560). The dry run's meta-device
+    build gives the same 8B figure (tests/trainer/test_run_config.py)."""
+    import json
+    from pathlib import Path
+
+    models = Path(__file__).parents[2] / "configs" / "models"
+    qwen3_8b = Qwen3Arch.from_hf(json.loads((models / "qwen3_8b" / "config.json").read_text()))
+    assert count_megatron_params(qwen3_8b, padded_vocab_size(qwen3_8b.vocab_size, 1)) == 8_190_735_360
+    assert count_megatron_params(qwen3_8b, padded_vocab_size(qwen3_8b.vocab_size, 4)) == 8_191_783_936
+    qwen3_4b = Qwen3Arch.from_hf(json.loads((models / "qwen3_4b" / "config.json").read_text()))
+    assert count_megatron_params(qwen3_4b, padded_vocab_size(qwen3_4b.vocab_size, 1)) == 4_022_468_096
+    assert count_megatron_params(qwen3_4b, padded_vocab_size(qwen3_4b.vocab_size, 2)) == 4_022_795_776

@@ -124,3 +124,13 @@ def test_one_gpu_debug_engine_matches_a_plain_forward():
     for prompt, ids, logp in zip(batch.prompt_ids, batch.response_ids, batch.rollout_logp, strict=True):
         assert logp.device.type == "cpu"
         torch.testing.assert_close(logp, full_forward_logp(engine.model, prompt, ids, 0.9), atol=1e-4, rtol=0)
+
+
+def test_progress_reports_each_decode_batch():
+    """9 samples in decode batches of 4: progress hears 4, 4, 1."""
+    batched = HFEngine(tiny_model(0), max_batch_size=4)
+    params = SamplingParams(n=3, max_new_tokens=4, seed=5)
+    finished = []
+    batch = batched.generate(PROMPTS, params, on_done=finished.append)
+    assert finished == [4, 4, 1]
+    assert len(batch) == 9

@@ -92,10 +92,12 @@ def test_8b_example_dry_run_on_cpu():
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "plan: world 8 = tp 4 x pp 1 x dp 2" in out.stdout
-    assert "8.191 B parameters" in out.stdout  # HF Qwen3-8B: 8,190,735,360 (+ the vocab padding rows: none)
+    # HF Qwen3-8B: 8,190,735,360; at TP 4 the vocabulary pads to 152,064 (+128 rows, embedding and output)
+    assert "Qwen3ForCausalLM 8,191,783,936 parameters (Megatron, vocab padded for tp 4)" in out.stdout
     assert "2 SGLang engine(s) x TP 4, launched colocated on GPUs 0-7" in out.stdout
     # bf16 params 2 + fp32 grads 4 + Adam 12 / dp 2 bytes on 8.191e9 / 4 params; the teacher 2 bytes
-    assert "actor 22.9 GiB (params, fp32 grads, Adam over dp 2), EMA teacher 7.6 GiB (weights, fp32 EMA" in out.stdout
+    # of weights + 4 / dp 2 of fp32 EMA values; 80 - 40 - 22.9 - 7.6 = 9.5 GiB left
+    assert "actor 22.9 GiB (params, fp32 grads, Adam over dp 2), EMA teacher 7.6 GiB" in out.stdout
     assert "mem_fraction=0.5 takes 40.0 of 80 GiB, leaving 9.5 GiB" in out.stdout
     assert "dry run OK" in out.stdout
 

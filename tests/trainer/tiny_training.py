@@ -25,7 +25,7 @@ def make_tiny_inputs(root):
     return root
 
 
-def parity_reward(source):
+def parity_reward(source, *, tool_use_parser):
     return lambda text, ground_truth: RewardResult(float(len(text) % 2 == 0), "test: parity of the length")
 
 
@@ -74,3 +74,43 @@ def train_with_sglang_in_ranks(overrides: list[str]):
     rollouts.get_reward_fn = parity_reward
     result = loop.train(load_config(["configs/tiny_cpu.yaml"], overrides))
     return result.metrics if torch.distributed.get_rank() == 0 else None
+
+
+class CannedEngine:
+    """Answers every sample of every prompt with the same response ids (evaluation tests)."""
+
+    def __init__(self, response_ids: list[int]):
+        self.response_ids = response_ids
+
+    def generate(self, prompt_ids, params, on_done=None):
+        from srpo_megatron.rollout.engine import RolloutBatch
+
+        index = [i for i in range(len(prompt_ids)) for _ in range(params.n)]
+        if on_done is not None:
+            on_done(len(index))
+        return RolloutBatch(
+            prompt_index=index,
+            prompt_ids=[list(prompt_ids[i]) for i in index],
+            response_ids=[list(self.response_ids) for _ in index],
+            rollout_logp=[torch.zeros(len(self.response_ids)) for _ in index],
+            finish_reasons=["stop"] * len(index),
+        )
+
+
+def evaluate_in_rank(overrides: list[str], parsers: list[str], prompts, response_ids: list[int]) -> dict:
+    """{parser: evaluate's metrics with reward.tool_use_parser=parser}, every sample answered alike."""
+    from srpo_megatron.data.tokenizer import load_tokenizer
+    from srpo_megatron.trainer.evaluation import evaluate
+
+    tokenizer, engine = load_tokenizer(), CannedEngine(response_ids)
+    return {
+        parser: evaluate(
+            engine,
+            load_config(["configs/tiny_cpu.yaml"], [*overrides, f"reward.tool_use_parser={parser}"]),
+            tokenizer,
+            prompts,
+            [],
+            seed=0,
+        )
+        for parser in parsers
+    }

@@ -18,6 +18,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 
 def main(argv: list[str] | None = None) -> None:
+    from srpo_megatron.runtime.quiet import silence_known_noise
+
+    silence_known_noise()  # before megatron-core is imported
     import torch
     from rich.console import Console
 

@@ -19,7 +19,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from srpo_megatron.models.hf_checkpoint import (
     SafetensorsReader,
@@ -44,16 +43,7 @@ from srpo_megatron.models.qwen3.provider import build_qwen3_model
 from srpo_megatron.models.vocab import DEFAULT_VOCAB_DIVISOR, padded_vocab_size
 from srpo_megatron.runtime.distributed import ParallelLayout, init_distributed
 from srpo_megatron.runtime.launch import run_distributed
-
-
-def _progress(enabled: bool) -> Progress:
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        disable=not enabled,
-    )
+from srpo_megatron.runtime.progress import progress_bar
 
 
 def hf_to_mcore(
@@ -118,7 +108,7 @@ def _hf_to_mcore_rank(
         hf_config, params_dtype=params_dtype, make_vocab_size_divisible_by=divisor, init_weights=False
     )
     num_params = len(list(model.parameters()))
-    with _progress(progress and dist.get_rank() == 0) as bar:
+    with progress_bar(progress and dist.get_rank() == 0) as bar:
         task = bar.add_task(f"rank 0 of {dist.get_world_size()}: loading HF slices", total=num_params)
         loaded = load_hf_weights(model, hf_dir, hf_config, on_param=lambda _: bar.advance(task))
         save_task = bar.add_task("all ranks: writing torch_dist", total=None)
@@ -157,7 +147,7 @@ def mcore_to_hf(
 
     expected = hf_tensor_shapes(arch)
     writer = ShardedSafetensorsWriter(out_dir, max_shard_bytes)
-    with _progress(progress) as bar:
+    with progress_bar(progress) as bar:
         task = bar.add_task("exporting HF tensors", total=len(expected))
         for name, tensor in export_hf_tensors(model, hf_config):
             writer.add(name, tensor)

@@ -22,6 +22,7 @@ contiguous groups ``r*G/tp .. (r+1)*G/tp - 1``. ``i`` is the GLOBAL layer index 
 1`` of the Megatron layer), so PP stages need no offset arithmetic.
 """
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -85,6 +86,14 @@ def hf_tensor_shapes(arch: Qwen3Arch) -> dict[str, tuple[int, ...]]:
     if not arch.tie_word_embeddings:
         shapes[LM_HEAD] = (arch.vocab_size, h)
     return shapes
+
+
+def count_megatron_params(arch: Qwen3Arch, padded_vocab: int) -> int:
+    """Parameters of the whole Megatron model (all TP ranks and PP stages, once each): the HF
+    tensors plus the padding rows of the embedding and, when untied, of the output layer."""
+    hf = sum(math.prod(shape) for shape in hf_tensor_shapes(arch).values())
+    padded_tables = 1 if arch.tie_word_embeddings else 2
+    return hf + padded_tables * (padded_vocab - arch.vocab_size) * arch.hidden_size
 
 
 def map_params(model: torch.nn.Module) -> list[ParamMap]:

@@ -1,0 +1,81 @@
+"""The lines a training run starts with (global rank 0 only), so that its plan is on screen before
+the slow parts begin: where the config came from, the layout and the engines, the model and its
+size, the rewards, where it writes and where it starts from. ``engine_plan`` is the dry run's too.
+"""
+
+import json
+import os
+from collections import Counter
+
+import torch.distributed as dist
+
+from srpo_megatron.config import Config
+from srpo_megatron.models.qwen3.config import Qwen3Arch, load_hf_config
+from srpo_megatron.models.qwen3.mapping import count_megatron_params
+from srpo_megatron.models.vocab import padded_vocab_size
+from srpo_megatron.rewards.registry import get_reward_fn
+from srpo_megatron.trainer.checkpoint import checkpoint_root, find_resume_checkpoint
+
+
+def config_line(paths: list[str], overrides: list[str]) -> str:
+    return f"config: {', '.join(map(str, paths)) or '(defaults)'}; overrides: {' '.join(overrides) or 'none'}"
+
+
+def engine_plan(cfg: Config, local_world_size: int) -> str:
+    r = cfg.rollout
+    if r.engine == "hf":
+        return "the HF engine on global rank 0 (CPU / debugging)"
+    engines = f"{r.num_engines} SGLang engine(s) x TP {r.engine_tp}"
+    weights = "weights by CUDA IPC" if r.mode == "colocated" else "weights by NCCL broadcast"
+    if r.engine_urls:
+        return f"{engines} at {', '.join(r.engine_urls)} ({r.mode}), {weights}"
+    first = 0 if r.mode == "colocated" else local_world_size
+    where = f"GPUs {first}-{first + r.num_engines * r.engine_tp - 1} of rank 0's node"
+    memory = ", memory released while the actor trains" if r.mode == "colocated" else ""
+    return f"{engines}, launched {r.mode} on {where}{memory}, {weights}"
+
+
+def print_start_header(cfg: Config, dataset) -> None:
+    """Collective-free; prints on global rank 0 only."""
+    if dist.get_rank() == 0:
+        world = dist.get_world_size()
+        print(start_header(cfg, dataset, world, int(os.environ.get("LOCAL_WORLD_SIZE", world))), flush=True)
+
+
+def start_header(cfg: Config, dataset, world_size: int, local_world_size: int) -> str:
+    """The header after the config line (train.py) and the data line (trainer/setup.py)."""
+    m = cfg.model
+    arch = Qwen3Arch.from_hf(load_hf_config(m.hf_dir))
+    padded = padded_vocab_size(arch.vocab_size, m.tp, m.make_vocab_size_divisible_by)
+    sources = Counter(p.row.data_source for p in dataset.prompts)
+    rewards = "; ".join(
+        f"{source} ({count} prompts) -> {_reward_name(source, cfg.reward.tool_use_parser)}"
+        for source, count in sorted(sources.items())
+    )
+    t = cfg.train
+    return "\n".join(
+        (
+            f"layout: world {world_size} = tp {m.tp} x pp {m.pp} x dp {world_size // (m.tp * m.pp)}; "
+            f"rollouts: {engine_plan(cfg, local_world_size)}",
+            f"model: {m.hf_dir}, {count_megatron_params(arch, padded):,} parameters (vocabulary "
+            f"{arch.vocab_size:,} padded to {padded:,} for tp {m.tp}), {m.dtype}; an EMA teacher alike",
+            f"rewards: {rewards}; tool-use parser: {cfg.reward.tool_use_parser}",
+            f"run: {cfg.algorithm.variant}, {t.total_steps} steps x {t.prompts_per_step} prompts x "
+            f"{cfg.rollout.n} rollouts; output: {cfg.output_dir}; start: {_start_point(cfg)}",
+        )
+    )
+
+
+def _reward_name(source: str, tool_use_parser: str) -> str:
+    reward_fn = get_reward_fn(source, tool_use_parser=tool_use_parser)
+    return getattr(reward_fn, "func", reward_fn).__name__  # a partial for tool use
+
+
+def _start_point(cfg: Config) -> str:
+    path = find_resume_checkpoint(cfg)
+    if path is not None:
+        step = json.loads((path / "trainer_state.json").read_text())["step"]
+        return f"resumes after step {step} from {path}"
+    if cfg.ckpt.resume == "none":
+        return "fresh (ckpt.resume=none)"
+    return f"fresh (no checkpoint in {checkpoint_root(cfg)})"
