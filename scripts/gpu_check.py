@@ -213,6 +213,9 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="every part at toy size, on any device")
     parser.add_argument("--out", type=Path, help="also write the JSON line here")
     args = parser.parse_args()
+    from srpo_megatron.runtime.quiet import silence_known_noise
+
+    silence_known_noise()
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
     parts = {

@@ -128,7 +128,9 @@ def test_fleet_splits_prompts_over_engines_and_tracks_released_memory():
         [SGLangEngine(f, name=f"e{i}") for i, f in enumerate(fakes)], colocated=True, bucket_bytes=1 << 20
     )
     finished = []  # progress: each engine's samples as its share comes back
-    batch = fleet.generate([[1], [2, 2], [3, 3, 3]], SamplingParams(n=2, max_new_tokens=4, seed=3), finished.append)
+    batch = fleet.generate(
+        [[1], [2, 2], [3, 3, 3]], SamplingParams(n=2, max_new_tokens=4, seed=3), finished.append
+    )
     assert sorted(finished) == [2, 4]
     assert [c[1] for c in fakes[0].calls] == [[[1], [1]]]  # contiguous shares: prompt 0 | prompts 1, 2
     assert [c[1] for c in fakes[1].calls] == [[[2, 2], [2, 2], [3, 3, 3], [3, 3, 3]]]
