@@ -8,14 +8,22 @@
 preset); ``key=value`` overrides come last. ``--dry-run`` validates the config and the layout for
 ``--world-size`` ranks, builds the model on the meta device, prints the plan and exits, without
 torchrun, a GPU or any weights.
+
+A mistake in what the user gave (``UserError``: a config key, a data file and row, the model or
+tokenizer directory, a checkpoint, a run directory in use) is one line on stderr from global
+rank 0, exit code 2, no traceback; anything else is an internal error with its full traceback.
 """
 
 import argparse
 import os
 import sys
+import time
 import warnings
 
 from srpo_megatron.config import Config, load_config, to_yaml, validate_layout
+from srpo_megatron.errors import UserError
+
+_REPORT_GRACE_S = 30.0
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
@@ -38,16 +46,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
 def dry_run(cfg: Config, world_size: int, gpu_memory_gib: float = 80.0) -> None:
     import torch
 
-    from srpo_megatron.models.qwen3.config import load_hf_config
     from srpo_megatron.models.qwen3.provider import build_qwen3_model
     from srpo_megatron.runtime.distributed import ParallelLayout, destroy_distributed, init_distributed
+    from srpo_megatron.trainer.setup import load_model_config
 
     local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
     dp = validate_layout(cfg, world_size, local_world_size)
-    hf_config = load_hf_config(cfg.model.hf_dir)
-    from srpo_megatron.models.qwen3.config import Qwen3Arch
-
-    Qwen3Arch.from_hf(hf_config).check_layout(cfg.model.tp, cfg.model.pp)
+    hf_config = load_model_config(cfg)
     # A world of one (even under torchrun, whose other ranks have already returned): the full model, on meta.
     from srpo_megatron.runtime.distributed import find_free_port
 
@@ -124,15 +129,27 @@ def _engine_plan(cfg: Config, local_world_size: int) -> str:
 def main(argv: list[str] | None = None) -> int:
     args, overrides = parse_args(argv)
     warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
+    rank_0 = int(os.environ.get("RANK", "0")) == 0
     try:
         cfg = load_config(args.config, overrides)
-    except ValueError as err:
+        if args.dry_run:
+            if rank_0:  # under torchrun, one rank plans for all
+                dry_run(cfg, args.world_size or int(os.environ.get("WORLD_SIZE", "1")), args.gpu_memory_gib)
+            return 0
+        _train(cfg)
+    except UserError as err:
+        if not rank_0:
+            # Rank 0 reports it: every rank meets the same checks (errors.py), and torchrun stops
+            # this rank once rank 0 has exited; exiting first could get rank 0 stopped before it
+            # has printed. Still here after the grace time, this rank reports the error itself.
+            time.sleep(_REPORT_GRACE_S)
+            err = f"(rank {os.environ['RANK']}) {err}"
         print(f"srpo-train: {err}", file=sys.stderr)
         return 2
-    if args.dry_run:
-        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one rank plans for all
-            dry_run(cfg, args.world_size or int(os.environ.get("WORLD_SIZE", "1")), args.gpu_memory_gib)
-        return 0
+    return 0
+
+
+def _train(cfg: Config) -> None:
     from srpo_megatron.runtime.distributed import destroy_distributed
     from srpo_megatron.trainer.loop import train
 
@@ -140,7 +157,6 @@ def main(argv: list[str] | None = None) -> int:
         train(cfg)
     finally:
         destroy_distributed()
-    return 0
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ from srpo_megatron.trainer.engines import make_engine, sync_weights
 from srpo_megatron.trainer.evaluation import BestWithinBudget, evaluate, load_eval_prompts
 from srpo_megatron.trainer.metrics import MetricsLogger, PhaseTimer
 from srpo_megatron.trainer.rollouts import StepRollouts, generate_rollouts, stop_token_ids
-from srpo_megatron.trainer.setup import load_training_data
+from srpo_megatron.trainer.setup import load_run_inputs
 
 
 @dataclass
@@ -63,11 +63,11 @@ class Run:
 
 def train(cfg: Config) -> RunResult:
     _start_distributed(cfg)
-    tokenizer, dataset = load_training_data(cfg)
+    hf_config, tokenizer, dataset = load_run_inputs(cfg)
     engine = None
     try:
         engine = _start_engine(cfg, tokenizer)
-        return _train(_setup(cfg, tokenizer, dataset, engine))
+        return _train(_setup(cfg, hf_config, tokenizer, dataset, engine))
     finally:
         if hasattr(engine, "shutdown"):  # SGLang: stop the servers this run launched
             engine.shutdown()
@@ -148,6 +148,9 @@ def train_step(run: Run, step: int) -> dict[str, float]:
 
 
 def _start_distributed(cfg: Config) -> None:
+    # The layout keys are checked against the launcher's world before Megatron sees them.
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    validate_layout(cfg, world, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
     # Ranks wait in a collective while rank 0 starts the engines or generates: the groups' timeout
     # must outlast the engines' own deadlines, so that those are what reports a stuck engine.
     r = cfg.rollout
@@ -155,8 +158,6 @@ def _start_distributed(cfg: Config) -> None:
     init_distributed(
         ParallelLayout(tp=cfg.model.tp, pp=cfg.model.pp), seed=cfg.train.seed, timeout_minutes=timeout_minutes
     )
-    world = dist.get_world_size()
-    validate_layout(cfg, world, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
 
 
 def _start_engine(cfg: Config, tokenizer):
@@ -180,10 +181,7 @@ def _start_engine(cfg: Config, tokenizer):
     return engine
 
 
-def _setup(cfg: Config, tokenizer, dataset, engine) -> Run:
-    from srpo_megatron.models.qwen3.config import load_hf_config
-
-    hf_config = load_hf_config(cfg.model.hf_dir)
+def _setup(cfg: Config, hf_config: dict, tokenizer, dataset, engine) -> Run:
     updates_per_step = cfg.train.prompts_per_step // cfg.train.mini_batch_prompts
     return Run(
         cfg=cfg,
