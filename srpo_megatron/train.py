@@ -22,6 +22,7 @@ import warnings
 
 from srpo_megatron.config import Config, load_config, to_yaml, validate_layout
 from srpo_megatron.errors import UserError
+from srpo_megatron.runtime.lifetime import die_with_parent
 
 _REPORT_GRACE_S = 30.0
 
@@ -127,6 +128,8 @@ def _engine_plan(cfg: Config, local_world_size: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # a rank started by torchrun: die with it
+        die_with_parent()
     args, overrides = parse_args(argv)
     warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
     rank_0 = int(os.environ.get("RANK", "0")) == 0

@@ -12,6 +12,7 @@ then scores and trains its own contiguous share of the step's rollouts (whole pr
 import math
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -28,12 +29,12 @@ from srpo_megatron.trainer.checkpoint import (
     list_checkpoints,
     load_checkpoint,
     save_checkpoint,
-    truncate_metrics,
 )
 from srpo_megatron.trainer.engines import make_engine, sync_weights
 from srpo_megatron.trainer.evaluation import BestWithinBudget, evaluate, load_eval_prompts
 from srpo_megatron.trainer.metrics import MetricsLogger, PhaseTimer
 from srpo_megatron.trainer.rollouts import StepRollouts, generate_rollouts, stop_token_ids
+from srpo_megatron.trainer.run_dir import lock_run_dir, refuse_to_start_over, restore_metrics
 from srpo_megatron.trainer.setup import load_run_inputs
 
 
@@ -63,19 +64,22 @@ class Run:
 
 def train(cfg: Config) -> RunResult:
     _start_distributed(cfg)
-    hf_config, tokenizer, dataset = load_run_inputs(cfg)
-    engine = None
+    lock = engine = None
     try:
+        lock, resume = _open_run_dir(cfg)
+        hf_config, tokenizer, dataset = load_run_inputs(cfg)
         engine = _start_engine(cfg, tokenizer)
-        return _train(_setup(cfg, hf_config, tokenizer, dataset, engine))
+        return _train(_setup(cfg, hf_config, tokenizer, dataset, engine), resume)
     finally:
         if hasattr(engine, "shutdown"):  # SGLang: stop the servers this run launched
             engine.shutdown()
+        if lock is not None:
+            lock.close()
 
 
-def _train(run: Run) -> RunResult:
+def _train(run: Run, resume: Path | None) -> RunResult:
     cfg = run.cfg
-    start = _resume_if_any(run)
+    start = _resume_if_any(run, resume)
     # The engine starts from the actor's weights: the same HF weights on a fresh start, the
     # checkpoint's on a resume.
     sync_weights(run.actor, run.engine, cfg, run.hf_config)
@@ -160,6 +164,31 @@ def _start_distributed(cfg: Config) -> None:
     )
 
 
+def _open_run_dir(cfg: Config):
+    """Rank 0 locks the run directory (run_dir.py) and picks the checkpoint to resume from
+    (verified, checkpoint.py), resetting metrics.jsonl to it, before anything is loaded: a second
+    trainer, or a bad ``ckpt.resume``, stops every rank at once. Returns (the open lock file on
+    rank 0, None elsewhere; the checkpoint or None, on every rank)."""
+    lock = None
+
+    def claim() -> Path | None:
+        nonlocal lock
+        lock = lock_run_dir(cfg.output_dir)
+        if cfg.ckpt.resume == "none":
+            refuse_to_start_over(cfg.output_dir, checkpoint_root(cfg))
+        path = find_resume_checkpoint(cfg)
+        restore_metrics(cfg.output_dir, path)
+        return path
+
+    try:
+        path = from_rank_0(claim, "opening the run directory")
+    except BaseException:
+        if lock is not None:
+            lock.close()
+        raise
+    return lock, path
+
+
 def _start_engine(cfg: Config, tokenizer):
     """Rank 0 starts the rollout engine(s) before any rank builds the actor: launched SGLang sizes
     its KV cache on GPUs that are still empty, and colocated engines then give their memory back
@@ -202,21 +231,19 @@ def _setup(cfg: Config, hf_config: dict, tokenizer, dataset, engine) -> Run:
     )
 
 
-def _resume_if_any(run: Run) -> int:
+def _resume_if_any(run: Run, path: Path | None) -> int:
     """The step to continue after (0 for a fresh run)."""
-    path = find_resume_checkpoint(run.cfg)
     if path is None:
         return 0
     step, extra = load_checkpoint(path, run.cfg, run.actor, run.dataset, run.routing_rng)
     run.hours = extra["hours"]
     run.best.load_state_dict(extra["best"])
-    truncate_metrics(run.cfg, step)
     if dist.get_rank() == 0:
         print(f"resumed from {path} (step {step})")
         if step >= run.cfg.train.total_steps:
             print(
                 f"the run is already complete (train.total_steps={run.cfg.train.total_steps}); to start "
-                "over use ckpt.resume=none or another log.run_name, to go on raise train.total_steps"
+                "over set another log.run_name, to go on raise train.total_steps"
             )
     return step
 
