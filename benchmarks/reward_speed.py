@@ -35,6 +35,13 @@ def hostile_cases(size: int) -> dict[str, str]:
         "whitespace_after_tags": "Action Input:" + " " * size + "Action Input:" + "\n" * 10,
         "odd_unicode": fill("\ud800\u202e\u0000𝔘<answer>\ufeff</answer>{"),
         "one_valid_call": fill("x") + 'Action Input: {"q": "x", "opts": {"n": 1}}',
+        # dense JSON: Python's decoder reads it at ~10 MB/s, so only the decode cap keeps these fast
+        "one_json_array": 'Action Input: {"q": [' + "1," * (size // 2) + "1]}",
+        "one_open_json_array": 'Action Input: {"q": [' + "1," * (size // 2),
+        "json_array_of_objects": 'Action Input: {"q": [' + '{"r": 1},' * (size // 9) + "1]}",
+        "open_arrays_1kb": fill('Action Input: {"a": [' + "1," * 500),
+        "open_arrays_100kb": fill('Action Input: {"a": [' + "1," * 50_000),
+        "closed_arrays_600b": fill('Action Input: {"a": [' + "1," * 290 + "1]}"),
     }
     return {name: "Action: search\n" + text for name, text in cases.items()}
 

@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from srpo_megatron.algorithms.config import AlgorithmConfig
+from srpo_megatron.errors import UserError
 
 
 @dataclass
@@ -197,29 +198,33 @@ class Config:
 
 
 def load_config(paths: list[str | Path] = (), overrides: list[str] = ()) -> Config:
-    """YAML files (merged in order) + ``key=value`` overrides -> a validated ``Config``."""
+    """YAML files (merged in order) + ``key=value`` overrides -> a validated ``Config``; UserError
+    naming the key otherwise."""
     merged = OmegaConf.structured(Config)
     source = "overrides"
     try:
         for path in paths:
             source = str(path)
             if not Path(path).is_file():
-                raise ValueError(f"config file not found: {path}")
+                raise UserError(f"config file not found: {path}")
             merged = OmegaConf.merge(merged, OmegaConf.load(path))
         source = "overrides"
         merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
         source = "missing values"
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
-        # e.g. "Key 'lrr' not in 'OptimConfig'", "Value 'abc' of type 'str' could not be converted to Float"
-        raise ValueError(f"bad config ({source}): {err}") from None
+        # e.g. "Key 'lrr' not in 'OptimConfig'", "Value 'abc' of type 'str' could not be converted to
+        # Float"; the lines after the first are OmegaConf's own (full_key: ..., object_type=...)
+        message = str(err).splitlines()[0]
+        key = f"{err.full_key}: " if getattr(err, "full_key", None) else ""
+        raise UserError(f"bad config ({source}): {key}{message}") from None
     validate_config(cfg)
     return cfg
 
 
 def _check(ok: bool, key: str, message: str) -> None:
     if not ok:
-        raise ValueError(f"config: {key}: {message}")
+        raise UserError(f"config: {key}: {message}")
 
 
 def validate_config(cfg: Config) -> None:
@@ -285,10 +290,10 @@ def validate_config(cfg: Config) -> None:
     )
     try:
         cfg.algorithm.validate()
-    except ValueError as err:
-        raise ValueError(f"config: algorithm: {err}") from None
+    except ValueError as err:  # algorithms/ raises plain ValueError (it imports nothing of ours)
+        raise UserError(f"config: algorithm: {err}") from None
     if cfg.algorithm.variant != "grpo" and r.n < 2:
-        raise ValueError(f"config: rollout.n: {cfg.algorithm.variant} needs siblings, so n >= 2 (got {r.n})")
+        raise UserError(f"config: rollout.n: {cfg.algorithm.variant} needs siblings, so n >= 2 (got {r.n})")
 
 
 def validate_layout(cfg: Config, world_size: int, local_world_size: int | None = None) -> int:
@@ -297,13 +302,13 @@ def validate_layout(cfg: Config, world_size: int, local_world_size: int | None =
     on that node, default the whole world)."""
     model_parallel = cfg.model.tp * cfg.model.pp
     if world_size % model_parallel:
-        raise ValueError(
+        raise UserError(
             f"config: model.tp x model.pp = {cfg.model.tp} x {cfg.model.pp} = {model_parallel} "
             f"does not divide the world size {world_size} (processes launched by torchrun)"
         )
     dp = world_size // model_parallel
     if cfg.train.mini_batch_prompts % dp:
-        raise ValueError(
+        raise UserError(
             f"config: train.mini_batch_prompts ({cfg.train.mini_batch_prompts}) must be divisible by "
             f"the data-parallel size {dp} (world {world_size} / tp*pp {model_parallel})"
         )
@@ -312,18 +317,18 @@ def validate_layout(cfg: Config, world_size: int, local_world_size: int | None =
     if r.engine == "sglang" and r.mode == "colocated":
         gpus = r.num_engines * r.engine_tp
         if gpus != world_size:
-            raise ValueError(
+            raise UserError(
                 f"config: rollout.num_engines x engine_tp = {gpus} GPUs, but colocated engines take every "
                 f"training GPU, one engine rank each: it must equal the world size {world_size}"
             )
         if not r.engine_urls and local != world_size:
-            raise ValueError(
+            raise UserError(
                 "config: colocated engines are launched on global rank 0's node only; on several nodes "
                 "start one server per engine yourself (engine i on the GPUs of global ranks i*engine_tp "
                 "and up, with --enable-memory-saver) and pass rollout.engine_urls"
             )
     if r.engine == "sglang" and r.mode == "disaggregated" and not r.engine_urls and local != world_size:
-        raise ValueError(
+        raise UserError(
             "config: disaggregated engines are launched on global rank 0's node, after its training "
             "GPUs; with several nodes start the servers yourself and pass rollout.engine_urls"
         )

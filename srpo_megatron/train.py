@@ -8,14 +8,23 @@
 preset); ``key=value`` overrides come last. ``--dry-run`` validates the config and the layout for
 ``--world-size`` ranks, builds the model on the meta device, prints the plan and exits, without
 torchrun, a GPU or any weights.
+
+A mistake in what the user gave (``UserError``: a config key, a data file and row, the model or
+tokenizer directory, a checkpoint, a run directory in use) is one line on stderr from global
+rank 0, exit code 2, no traceback; anything else is an internal error with its full traceback.
 """
 
 import argparse
 import os
 import sys
+import time
 
 from srpo_megatron.config import Config, load_config, to_yaml, validate_layout
+from srpo_megatron.errors import UserError
+from srpo_megatron.runtime.lifetime import die_with_parent
 from srpo_megatron.runtime.quiet import silence_known_noise
+
+_REPORT_GRACE_S = 30.0
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
@@ -38,17 +47,14 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
 def dry_run(cfg: Config, world_size: int, gpu_memory_gib: float = 80.0) -> None:
     import torch
 
-    from srpo_megatron.models.qwen3.config import load_hf_config
     from srpo_megatron.models.qwen3.provider import build_qwen3_model
     from srpo_megatron.runtime.distributed import ParallelLayout, destroy_distributed, init_distributed
     from srpo_megatron.trainer.header import engine_plan
+    from srpo_megatron.trainer.setup import load_model_config
 
     local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
     dp = validate_layout(cfg, world_size, local_world_size)
-    hf_config = load_hf_config(cfg.model.hf_dir)
-    from srpo_megatron.models.qwen3.config import Qwen3Arch
-
-    Qwen3Arch.from_hf(hf_config).check_layout(cfg.model.tp, cfg.model.pp)
+    hf_config = load_model_config(cfg)
     # A world of one (even under torchrun, whose other ranks have already returned): the full model, on meta.
     from srpo_megatron.runtime.distributed import find_free_port
 
@@ -118,28 +124,42 @@ def _memory_plan(cfg: Config, params_per_rank: float, dp: int, gpu_memory_gib: f
 
 
 def main(argv: list[str] | None = None) -> int:
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # a rank started by torchrun: die with it
+        die_with_parent()
     args, overrides = parse_args(argv)
     silence_known_noise()
+    rank_0 = int(os.environ.get("RANK", "0")) == 0
     try:
         cfg = load_config(args.config, overrides)
-    except ValueError as err:
+        if args.dry_run:
+            if rank_0:  # under torchrun, one rank plans for all
+                dry_run(cfg, args.world_size or int(os.environ.get("WORLD_SIZE", "1")), args.gpu_memory_gib)
+            return 0
+        if rank_0:
+            from srpo_megatron.trainer.header import config_line
+
+            print(config_line(args.config, overrides), flush=True)
+        _train(cfg)
+    except UserError as err:
+        if not rank_0:
+            # Rank 0 reports it: every rank meets the same checks (errors.py), and torchrun stops
+            # this rank once rank 0 has exited; exiting first could get rank 0 stopped before it
+            # has printed. Still here after the grace time, this rank reports the error itself.
+            time.sleep(_REPORT_GRACE_S)
+            err = f"(rank {os.environ['RANK']}) {err}"
         print(f"srpo-train: {err}", file=sys.stderr)
         return 2
-    if args.dry_run:
-        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one rank plans for all
-            dry_run(cfg, args.world_size or int(os.environ.get("WORLD_SIZE", "1")), args.gpu_memory_gib)
-        return 0
+    return 0
+
+
+def _train(cfg: Config) -> None:
     from srpo_megatron.runtime.distributed import destroy_distributed
-    from srpo_megatron.trainer.header import config_line
     from srpo_megatron.trainer.loop import train
 
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(config_line(args.config, overrides), flush=True)
     try:
         train(cfg)
     finally:
         destroy_distributed()
-    return 0
 
 
 if __name__ == "__main__":

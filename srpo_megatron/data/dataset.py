@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from srpo_megatron.data.templating import TokenizedPrompt
+from srpo_megatron.errors import UserError
 
 
 class PromptDataset:
@@ -61,11 +62,11 @@ class PromptDataset:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Resume at a saved position; ValueError if the data or the batching changed."""
+        """Resume at a saved position; UserError if the data or the batching changed."""
         for key in ("seed", "num_prompts", "batch_size", "shuffle"):
             mine = self.state_dict()[key]
             if state.get(key) != mine:
-                raise ValueError(
+                raise UserError(
                     f"cannot resume the prompt order: checkpoint has {key}={state.get(key)!r}, this run has {mine!r}"
                 )
         if not 0 <= state["index"] <= len(self.prompts) or state["epoch"] < 0:

@@ -6,14 +6,17 @@
   `datasets/tooluse/{train,test}.json`): `idx`, `kind`, `dataset` (-> data_source), `answer`
   (-> ground truth), `prompt` (the user message), `system` (text, or null / "None" for none), and
   unused `description`, `elo`, `tests`, `embedding`.
-Every row is validated; a bad one raises ValueError naming the file, the 1-based row (the line
+Every row is validated; a bad one raises UserError naming the file, the 1-based row (the line
 number in a JSON-lines file) and the field.
 """
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from srpo_megatron.errors import UserError
 
 _ROLES = ("system", "user", "assistant")
 
@@ -39,46 +42,44 @@ class PromptRow:
         }
 
 
-class _BadRow(ValueError):
-    pass
-
-
 def _require_str(record: dict, key: str, *, allow_empty: bool = False) -> str:
     if key not in record:
-        raise _BadRow(f"missing field {key!r}")
+        raise ValueError(f"missing field {key!r}")
     value = record[key]
     if not isinstance(value, str) or (not allow_empty and not value.strip()):
-        raise _BadRow(f"field {key!r} must be a non-empty string, got {value!r:.80}")
+        raise ValueError(f"field {key!r} must be a non-empty string, got {value!r:.80}")
     return value
 
 
 def _check_messages(messages: Any) -> list[dict[str, str]]:
     if not isinstance(messages, list) or not messages:
-        raise _BadRow(f"field 'prompt' must be a non-empty list of messages, got {messages!r:.80}")
+        raise ValueError(f"field 'prompt' must be a non-empty list of messages, got {messages!r:.80}")
     checked = []
     for pos, message in enumerate(messages):
         if not isinstance(message, dict):
-            raise _BadRow(f"field 'prompt' message {pos} is not an object")
+            raise ValueError(f"field 'prompt' message {pos} is not an object")
         role, content = message.get("role"), message.get("content")
         if role not in _ROLES or not isinstance(content, str):
-            raise _BadRow(f"field 'prompt' message {pos} needs role in {_ROLES} and string content")
+            raise ValueError(f"field 'prompt' message {pos} needs role in {_ROLES} and string content")
+        if role == "user" and not content.strip():
+            raise ValueError(f"field 'prompt' message {pos} is an empty user message")
         checked.append({"role": role, "content": content})
     if checked[-1]["role"] != "user":
-        raise _BadRow("field 'prompt' must end with a user message")
+        raise ValueError("field 'prompt' must end with a user message")
     return checked
 
 
 def parse_row(record: Any) -> PromptRow:
     """Normalise one verl-style or SDPO-raw record; ValueError (naming the field) if invalid."""
     if not isinstance(record, dict):
-        raise _BadRow(f"a row must be a JSON object, got {type(record).__name__}")
+        raise ValueError(f"a row must be a JSON object, got {type(record).__name__}")
     if "data_source" in record:
         reward_model = record.get("reward_model")
         if not isinstance(reward_model, dict):
-            raise _BadRow("field 'reward_model' must be an object with 'ground_truth'")
+            raise ValueError("field 'reward_model' must be an object with 'ground_truth'")
         extra = record.get("extra_info") or {}
         if not isinstance(extra, dict):
-            raise _BadRow("field 'extra_info' must be an object")
+            raise ValueError("field 'extra_info' must be an object")
         return PromptRow(
             data_source=_require_str(record, "data_source"),
             messages=_check_messages(record.get("prompt")),
@@ -90,7 +91,7 @@ def parse_row(record: Any) -> PromptRow:
     if "dataset" in record:
         system = record.get("system")
         if system is not None and not isinstance(system, str):
-            raise _BadRow(f"field 'system' must be a string or null, got {system!r:.80}")
+            raise ValueError(f"field 'system' must be a string or null, got {system!r:.80}")
         messages = [] if system in (None, "None", "") else [{"role": "system", "content": system}]
         messages.append({"role": "user", "content": _require_str(record, "prompt")})
         extra = {"index": record.get("idx"), "kind": record.get("kind")}
@@ -100,7 +101,7 @@ def parse_row(record: Any) -> PromptRow:
             ground_truth=_require_str(record, "answer"),
             extra={k: v for k, v in extra.items() if v is not None},
         )
-    raise _BadRow("neither a verl-style row (no 'data_source') nor an SDPO row (no 'dataset')")
+    raise ValueError("neither a verl-style row (no 'data_source') nor an SDPO row (no 'dataset')")
 
 
 def read_records(path: Path):
@@ -110,13 +111,20 @@ def read_records(path: Path):
 
         yield from enumerate(pq.read_table(path).to_pylist(), start=1)
         return
-    with path.open(encoding="utf-8") as handle:
-        text = handle.read()
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1  # the row, in a JSON-lines file
+        column = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
+        raise UserError(
+            f"{path}, line {line}: not UTF-8 text (byte 0x{data[err.start]:02x} at column {column})"
+        ) from None
     if text.lstrip().startswith("["):  # one JSON array instead of JSON lines
         try:
             records = json.loads(text)
         except ValueError as err:
-            raise ValueError(f"{path}: not valid JSON: {err}") from None
+            raise UserError(f"{path}: not valid JSON: {err}") from None
         yield from enumerate(records, start=1)
         return
     for number, line in enumerate(text.splitlines(), start=1):
@@ -125,26 +133,30 @@ def read_records(path: Path):
         try:
             yield number, json.loads(line)
         except ValueError as err:
-            raise ValueError(f"{path}, row {number}: not valid JSON: {err}") from None
+            raise UserError(f"{path}, row {number}: not valid JSON: {err}") from None
 
 
-def load_rows(path: str | Path) -> list[PromptRow]:
-    """All rows of one .parquet, .jsonl or .json (JSON lines or a JSON array) file."""
+def load_rows(path: str | Path, check: Callable[[PromptRow], object] | None = None) -> list[PromptRow]:
+    """All rows of one .parquet, .jsonl or .json (JSON lines or a JSON array) file.
+
+    ``check(row)``, if given, runs on every row; a ValueError it raises (e.g. the reward registry's
+    for an unknown data_source) is reported with the file and the row."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"data file not found: {path}")
+        raise UserError(f"data file not found: {path}")
     if path.suffix not in (".parquet", ".jsonl", ".json"):
-        raise ValueError(
-            f"{path}: unsupported data file type {path.suffix!r} (use .parquet, .jsonl or .json)"
-        )
+        raise UserError(f"{path}: unsupported data file type {path.suffix!r} (use .parquet, .jsonl or .json)")
     rows = []
     for number, record in read_records(path):
         try:
-            rows.append(parse_row(record))
-        except _BadRow as err:
-            raise ValueError(f"{path}, row {number}: {err}") from None
+            row = parse_row(record)
+            if check is not None:
+                check(row)
+        except ValueError as err:
+            raise UserError(f"{path}, row {number}: {err}") from None
+        rows.append(row)
     if not rows:
-        raise ValueError(f"{path}: no rows")
+        raise UserError(f"{path}: no rows")
     return rows
 
 

@@ -15,12 +15,15 @@ Two parsers for the `Action Input` objects:
 
 Hostile text: every scan is a left-to-right search that never revisits text it has consumed,
 and json decoding stops at the first invalid character (see `decode_object_at` for the one
-trap), so a 10 MB response costs about one pass.
+trap). Python's json decoder reads dense JSON (`[1,1,1,...`) at only ~10 MB/s, so the characters
+it may read per response are capped (MAX_DECODED_CHARS) as well as the blocks; either cap scores
+0. Reasons quote parsed inputs through `reprlib` (a 5M-element list is not repr'd in full).
 Deeply nested JSON (RecursionError) and oversized numbers (ValueError) count as unparsable.
 """
 
 import json
 import re
+import reprlib
 from collections import Counter
 from typing import Any, Literal
 
@@ -37,29 +40,47 @@ _FIRST_WINDOW = 512
 # A response of 8192 tokens holds at most ~1,600 `Action Input: {}` blocks, so this bound never
 # changes a score the trainer can see; it caps the per-block Python cost on 10 MB hostile text.
 MAX_ACTION_INPUT_BLOCKS = 10_000
+# A response of 8192 tokens is at most 1.05M characters (Qwen3's longest token has 128), and the
+# decode windows re-read at most a third of it, so this cap never changes a score the trainer can
+# see either; it bounds the decoding of 10 MB of dense hostile JSON to ~0.4 s.
+MAX_DECODED_CHARS = 4_000_000
+_SHORT_REPR = reprlib.Repr(maxlevel=3, maxdict=6, maxlist=6, maxstring=40, maxother=40)
 
 
-def decode_object_at(text: str, start: int) -> tuple[Any, int] | None:
+class _OverBudget(Exception):
+    pass
+
+
+def decode_object_at(text: str, start: int, budget: list[int]) -> tuple[Any, int] | None:
     """The JSON value starting at text[start] and the index just past it, or None if invalid.
 
     Decodes a window that grows only while the failure may be the window's own cut, because a
     JSONDecodeError on the full text costs O(start) to build (it counts lines up to the error),
     which over many failed `Action Input: {` blocks would make a 10 MB response quadratic.
+    ``budget``: [characters the decoder may still read]; each attempt takes what it read, and
+    _OverBudget is raised once a value would need more.
     """
     size = _FIRST_WINDOW
     while True:
-        window = text[start : start + size]
+        limit = min(size, budget[0])
+        window = text[start : start + limit]
         try:
             value, end = _DECODER.raw_decode(window)
+            budget[0] -= end
             return value, start + end
         except json.JSONDecodeError as err:
-            cut_by_window = start + size < len(text) and (
-                err.pos >= len(window) - 8 or err.msg.startswith("Unterminated string")
+            # an unterminated string is reported at its start, but was read to the window's end
+            budget[0] -= limit if err.msg.startswith("Unterminated string") else err.pos
+            cut_by_window = start + limit < len(text) and (
+                err.pos >= limit - 8 or err.msg.startswith("Unterminated string")
             )
             if not cut_by_window:
                 return None
+            if limit < size:  # the budget, not the window, cut this value
+                raise _OverBudget from None
             size *= 4
         except (ValueError, RecursionError):  # huge ints, nesting deeper than the recursion limit
+            budget[0] -= limit
             return None
 
 
@@ -97,10 +118,12 @@ def extract_actions(response: str) -> list[str]:
 def extract_action_inputs(response: str, parser: InputParser = "balanced") -> dict | None:
     """Merge every `Action Input: {...}` object that parses (later keys override).
 
-    None if the response holds more than MAX_ACTION_INPUT_BLOCKS candidate blocks.
+    None if the response holds more than MAX_ACTION_INPUT_BLOCKS candidate blocks, or its blocks
+    need more than MAX_DECODED_CHARS characters of JSON decoding.
     """
     merged: dict = {}
     pos = 0
+    budget = [MAX_DECODED_CHARS]
     for _ in range(MAX_ACTION_INPUT_BLOCKS + 1):
         match = _ACTION_INPUT_RE.search(response, pos)
         if match is None:
@@ -111,12 +134,18 @@ def extract_action_inputs(response: str, parser: InputParser = "balanced") -> di
             if close < 0:  # no `}` anywhere after: no later block can match either
                 return merged
             block, pos = response[brace : close + 1], close + 1
+            budget[0] -= len(block)
+            if budget[0] < 0:
+                return None
             try:
                 parsed = json.loads(block)
             except (ValueError, RecursionError):
                 continue
         else:
-            decoded = decode_object_at(response, brace)
+            try:
+                decoded = decode_object_at(response, brace, budget)
+            except _OverBudget:
+                return None
             if decoded is None:
                 pos = brace + 1
                 continue
@@ -155,7 +184,10 @@ def score_tool_use(
         return RewardResult(0.0, f"actions {shown}, expected {snippet(repr(gold_names), 120)}")
     inputs = extract_action_inputs(response, parser)
     if inputs is None:
-        return RewardResult(0.0, f"more than {MAX_ACTION_INPUT_BLOCKS} 'Action Input' blocks")
+        return RewardResult(
+            0.0,
+            f"more than {MAX_ACTION_INPUT_BLOCKS} 'Action Input' blocks or {MAX_DECODED_CHARS} characters of them",
+        )
     try:
         same = inputs == gold_inputs if parser == "reference" else json_equal(inputs, gold_inputs)
     except RecursionError:
@@ -163,5 +195,7 @@ def score_tool_use(
     if same:
         return RewardResult(1.0, "correct")
     return RewardResult(
-        0.0, f"action inputs {snippet(repr(inputs), 120)}, expected {snippet(repr(gold_inputs), 120)}"
+        0.0,
+        f"action inputs {snippet(_SHORT_REPR.repr(inputs), 120)}, "
+        f"expected {snippet(_SHORT_REPR.repr(gold_inputs), 120)}",
     )

@@ -12,12 +12,21 @@
                             (trainer/teacher.py), sharded like the distributed optimizer's state
       trainer_state.json    step, data position, LR-scheduler state, layout, config
       metrics.jsonl         the metrics of steps 1..step (what the run had logged)
+      complete.json         the completeness marker, written last: every other file and its size
 
 Atomicity: everything is written under ``step_000004.tmp``; once every rank has finished (a
-barrier), rank 0 renames it to ``step_000004``. A rename within one directory is atomic, so a
-kill or a full disk at any point leaves either no ``step_000004`` or a complete one; the previous
-checkpoints are untouched, and only after the new one exists are the oldest beyond ``keep_last``
-deleted. ``*.tmp`` leftovers of a killed save are removed at the next save.
+barrier), rank 0 writes complete.json and renames the directory to ``step_000004``. A rename
+within one directory is atomic, so a kill or a full disk at any point leaves either no
+``step_000004`` or a complete one; the previous checkpoints are untouched, and only after the new
+one exists are the oldest beyond ``keep_last`` deleted, each renamed to ``step_N.deleting`` first
+(from that atomic step on it is no checkpoint, whatever a kill during the removal leaves).
+``*.tmp`` and ``*.deleting`` leftovers of a killed save are removed at the next save.
+
+Resume verifies before it loads (``verify_checkpoint``: every file of the manifest, with its
+size). ``ckpt.resume=auto`` takes the newest intact checkpoint: a broken newer one is named with
+its broken file and moved aside (``step_N.broken-<time>``, kept for a look), so the continuation
+saves its own step N; the fallback is safe because a resume is exact (the continuation redoes the
+lost steps as they were), and metrics.jsonl goes back to the fallback's copy (run_dir.py).
 """
 
 import json
@@ -25,6 +34,7 @@ import os
 import random
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +43,7 @@ import torch
 import torch.distributed as dist
 
 from srpo_megatron.config import Config, to_dict
+from srpo_megatron.errors import UserError
 from srpo_megatron.models.qwen3.checkpoint import MODEL_DIR, write_meta
 from srpo_megatron.runtime.distributed import child_process_env
 from srpo_megatron.runtime.progress import opaque_phase
@@ -40,6 +51,7 @@ from srpo_megatron.runtime.progress import opaque_phase
 _STEP_DIR = re.compile(r"^step_(\d{6,})$")
 TEACHER_PREFIX = "teacher."
 _OPTIM_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
+COMPLETE = "complete.json"
 
 
 def checkpoint_root(cfg: Config) -> Path:
@@ -53,9 +65,36 @@ def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
     found = []
     for path in root.iterdir():
         match = _STEP_DIR.match(path.name)
-        if match and (path / "trainer_state.json").is_file():
+        if match and (path / COMPLETE).is_file():
             found.append((int(match.group(1)), path))
     return sorted(found)
+
+
+def verify_checkpoint(path: Path) -> str | None:
+    """What is wrong with the checkpoint ``path``, naming the file; None if it is whole."""
+    try:
+        files = json.loads((path / COMPLETE).read_text())["files"]
+    except FileNotFoundError:
+        return f"no {COMPLETE} (a save that did not finish, or not a training checkpoint)"
+    except (ValueError, KeyError, TypeError) as err:
+        return f"{COMPLETE} is damaged ({err})"
+    for name, size in files.items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != size:
+            return f"{name} has {file.stat().st_size} bytes, {size} were written"
+    try:
+        json.loads((path / "trainer_state.json").read_text())
+    except ValueError as err:  # same size, other bytes
+        return f"trainer_state.json is not valid JSON ({err})"
+    return None
+
+
+def _delete_checkpoint(path: Path) -> None:
+    aside = path.with_name(f"{path.name}.deleting")
+    os.replace(path, aside)  # atomic: from here on it is no checkpoint
+    shutil.rmtree(aside)
 
 
 def _sharded_state(actor, *, is_loading: bool) -> dict:
@@ -107,7 +146,7 @@ def save_checkpoint(
     tmp = root / f"step_{step:06d}.tmp"
     rank = dist.get_rank()
     if rank == 0:
-        for leftover in root.glob("*.tmp"):
+        for leftover in [*root.glob("*.tmp"), *root.glob("*.deleting")]:
             shutil.rmtree(leftover)
         (tmp / MODEL_DIR).mkdir(parents=True)
         (tmp / "rng").mkdir()
@@ -143,27 +182,55 @@ def save_checkpoint(
             "config": to_dict(cfg),
             "extra": extra,
         }
-        # trainer_state.json is what marks a checkpoint complete (list_checkpoints): written last
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1, default=str))
+        # the completeness marker (list_checkpoints) and the manifest verify_checkpoint checks: last
+        files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
+        (tmp / COMPLETE).write_text(json.dumps({"step": step, "files": files}, indent=1))
         os.replace(tmp, final)
         for _, old in list_checkpoints(root)[: -cfg.ckpt.keep_last]:
-            shutil.rmtree(old)
+            _delete_checkpoint(old)
     dist.barrier()
     return final
 
 
 def find_resume_checkpoint(cfg: Config) -> Path | None:
-    """The checkpoint to resume from: ``ckpt.resume`` = "auto" (newest complete one, if any),
-    "none", or a checkpoint directory."""
+    """The checkpoint to resume from (rank 0; see the module docstring): ``ckpt.resume`` = "auto"
+    (the newest intact one, if any), "none", or a checkpoint directory (which must be intact)."""
+    root = checkpoint_root(cfg)
     if cfg.ckpt.resume == "none":
         return None
-    if cfg.ckpt.resume == "auto":
-        found = list_checkpoints(checkpoint_root(cfg))
-        return found[-1][1] if found else None
-    path = Path(cfg.ckpt.resume)
-    if not (path / "trainer_state.json").is_file():
-        raise ValueError(f"ckpt.resume={path}: not a complete training checkpoint (no trainer_state.json)")
-    return path
+    if cfg.ckpt.resume != "auto":
+        path = Path(cfg.ckpt.resume)
+        problem = verify_checkpoint(path)
+        if problem is not None:
+            raise UserError(f"ckpt.resume={path}: {problem}")
+        step = json.loads((path / "trainer_state.json").read_text())["step"]
+        later = [p.name for s, p in list_checkpoints(root) if s > step and p.resolve() != path.resolve()]
+        if later:
+            raise UserError(
+                f"ckpt.resume={path}: {root} holds later checkpoints ({', '.join(later)}) that the "
+                "continuation would collide with: move them away, or resume into another log.run_name"
+            )
+        return path
+    broken = []
+    for _, path in reversed(list_checkpoints(root)):
+        problem = verify_checkpoint(path)
+        if problem is None:
+            for bad, why in broken:
+                aside = bad.with_name(f"{bad.name}.broken-{time.strftime('%Y%m%d-%H%M%S')}")
+                os.replace(bad, aside)
+                print(f"checkpoint {bad} is broken: {why}; moved aside to {aside}")
+            if broken:
+                print(f"continuing from {path}, the newest intact checkpoint")
+            return path
+        broken.append((path, problem))
+    if broken:
+        raise UserError(
+            f"no intact checkpoint to resume from in {root} ("
+            + "; ".join(f"{bad.name}: {why}" for bad, why in broken)
+            + f"); to start over set another log.run_name or remove {cfg.output_dir}"
+        )
+    return None
 
 
 def load_checkpoint(path: Path, cfg: Config, actor, dataset, routing_rng) -> tuple[int, dict[str, Any]]:
@@ -174,7 +241,7 @@ def load_checkpoint(path: Path, cfg: Config, actor, dataset, routing_rng) -> tup
     saved = state["layout"]
     here = {"tp": cfg.model.tp, "pp": cfg.model.pp, "world_size": dist.get_world_size()}
     if saved != here:
-        raise ValueError(
+        raise UserError(
             f"checkpoint {path} was written with {saved}, this run is {here}: resuming training state "
             "across layouts is not supported. Convert its weights instead (tools/convert_ckpt/"
             "mcore_to_hf.py, then model.hf_dir=...) and start a new run."
@@ -198,24 +265,9 @@ def _load_module(module: torch.nn.Module, state: dict, prefix: str) -> None:
     result = module.load_state_dict(state, strict=False)
     missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
     if missing or result.unexpected_keys:
-        raise ValueError(
+        raise UserError(
             f"checkpoint does not match the model: missing {missing}, unexpected {result.unexpected_keys}"
         )
-
-
-def truncate_metrics(cfg: Config, step: int) -> None:
-    """Drop metrics lines of steps after ``step`` (logged after the checkpoint, before a crash)."""
-    path = cfg.output_dir / "metrics.jsonl"
-    if dist.get_rank() != 0 or not path.is_file():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line)["step"] <= step:
-                kept.append(line)
-        except (json.JSONDecodeError, KeyError):
-            break  # a line cut by the crash: nothing after it is trustworthy
-    path.write_text("".join(f"{line}\n" for line in kept))
 
 
 def export_hf(ckpt_dir: Path, out_dir: Path, tokenizer_dir: str | None) -> None:

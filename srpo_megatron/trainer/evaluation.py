@@ -15,13 +15,14 @@ from srpo_megatron.rewards.registry import get_reward_fn
 from srpo_megatron.rollout.engine import SamplingParams
 from srpo_megatron.runtime.distributed import from_rank_0
 from srpo_megatron.runtime.progress import progress_bar
+from srpo_megatron.trainer.setup import has_reward_fn
 
 BUDGET_HOURS = (1, 5, 10)
 
 
 def load_eval_prompts(cfg: Config, tokenizer) -> list:
     limit = cfg.eval.max_prompts or None
-    rows = [row for path in cfg.data.test_files for row in load_rows(path)[:limit]]
+    rows = [row for path in cfg.data.test_files for row in load_rows(path, check=has_reward_fn)[:limit]]
     prompts, _ = tokenize_and_filter(rows, tokenizer, cfg.data.max_prompt_length)
     return prompts
 

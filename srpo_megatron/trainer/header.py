@@ -6,6 +6,7 @@ size, the rewards, where it writes and where it starts from. ``engine_plan`` is 
 import json
 import os
 from collections import Counter
+from pathlib import Path
 
 import torch.distributed as dist
 
@@ -14,7 +15,7 @@ from srpo_megatron.models.qwen3.config import Qwen3Arch, load_hf_config
 from srpo_megatron.models.qwen3.mapping import count_megatron_params
 from srpo_megatron.models.vocab import padded_vocab_size
 from srpo_megatron.rewards.registry import get_reward_fn
-from srpo_megatron.trainer.checkpoint import checkpoint_root, find_resume_checkpoint
+from srpo_megatron.trainer.checkpoint import checkpoint_root
 
 
 def config_line(paths: list[str], overrides: list[str]) -> str:
@@ -35,14 +36,15 @@ def engine_plan(cfg: Config, local_world_size: int) -> str:
     return f"{engines}, launched {r.mode} on {where}{memory}, {weights}"
 
 
-def print_start_header(cfg: Config, dataset) -> None:
-    """Collective-free; prints on global rank 0 only."""
+def print_start_header(cfg: Config, dataset, resume: Path | None) -> None:
+    """Collective-free; prints on global rank 0 only. ``resume``: the checkpoint the run continues from."""
     if dist.get_rank() == 0:
         world = dist.get_world_size()
-        print(start_header(cfg, dataset, world, int(os.environ.get("LOCAL_WORLD_SIZE", world))), flush=True)
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        print(start_header(cfg, dataset, resume, world, local_world), flush=True)
 
 
-def start_header(cfg: Config, dataset, world_size: int, local_world_size: int) -> str:
+def start_header(cfg: Config, dataset, resume: Path | None, world_size: int, local_world_size: int) -> str:
     """The header after the config line (train.py) and the data line (trainer/setup.py)."""
     m = cfg.model
     arch = Qwen3Arch.from_hf(load_hf_config(m.hf_dir))
@@ -61,7 +63,7 @@ def start_header(cfg: Config, dataset, world_size: int, local_world_size: int) -
             f"{arch.vocab_size:,} padded to {padded:,} for tp {m.tp}), {m.dtype}; an EMA teacher alike",
             f"rewards: {rewards}; tool-use parser: {cfg.reward.tool_use_parser}",
             f"run: {cfg.algorithm.variant}, {t.total_steps} steps x {t.prompts_per_step} prompts x "
-            f"{cfg.rollout.n} rollouts; output: {cfg.output_dir}; start: {_start_point(cfg)}",
+            f"{cfg.rollout.n} rollouts; output: {cfg.output_dir}; start: {_start_point(cfg, resume)}",
         )
     )
 
@@ -71,11 +73,10 @@ def _reward_name(source: str, tool_use_parser: str) -> str:
     return getattr(reward_fn, "func", reward_fn).__name__  # a partial for tool use
 
 
-def _start_point(cfg: Config) -> str:
-    path = find_resume_checkpoint(cfg)
-    if path is not None:
-        step = json.loads((path / "trainer_state.json").read_text())["step"]
-        return f"resumes after step {step} from {path}"
+def _start_point(cfg: Config, resume: Path | None) -> str:
+    if resume is not None:
+        step = json.loads((resume / "trainer_state.json").read_text())["step"]
+        return f"resumes after step {step} from {resume}"
     if cfg.ckpt.resume == "none":
         return "fresh (ckpt.resume=none)"
     return f"fresh (no checkpoint in {checkpoint_root(cfg)})"

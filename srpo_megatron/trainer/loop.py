@@ -12,6 +12,7 @@ then scores and trains its own contiguous share of the step's rollouts (whole pr
 import math
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -28,14 +29,14 @@ from srpo_megatron.trainer.checkpoint import (
     list_checkpoints,
     load_checkpoint,
     save_checkpoint,
-    truncate_metrics,
 )
 from srpo_megatron.trainer.engines import make_engine, sync_weights
 from srpo_megatron.trainer.evaluation import BestWithinBudget, evaluate, load_eval_prompts
 from srpo_megatron.trainer.header import print_start_header
 from srpo_megatron.trainer.metrics import MetricsLogger, PhaseTimer
 from srpo_megatron.trainer.rollouts import StepRollouts, generate_rollouts, stop_token_ids
-from srpo_megatron.trainer.setup import load_training_data
+from srpo_megatron.trainer.run_dir import lock_run_dir, refuse_to_start_over, restore_metrics
+from srpo_megatron.trainer.setup import load_run_inputs
 
 
 @dataclass
@@ -64,20 +65,23 @@ class Run:
 
 def train(cfg: Config) -> RunResult:
     _start_distributed(cfg)
-    tokenizer, dataset = load_training_data(cfg)
-    print_start_header(cfg, dataset)
-    engine = None
+    lock = engine = None
     try:
+        lock, resume = _open_run_dir(cfg)
+        hf_config, tokenizer, dataset = load_run_inputs(cfg)
+        print_start_header(cfg, dataset, resume)
         engine = _start_engine(cfg, tokenizer)
-        return _train(_setup(cfg, tokenizer, dataset, engine))
+        return _train(_setup(cfg, hf_config, tokenizer, dataset, engine), resume)
     finally:
         if hasattr(engine, "shutdown"):  # SGLang: stop the servers this run launched
             engine.shutdown()
+        if lock is not None:
+            lock.close()
 
 
-def _train(run: Run) -> RunResult:
+def _train(run: Run, resume: Path | None) -> RunResult:
     cfg = run.cfg
-    start = _resume_if_any(run)
+    start = _resume_if_any(run, resume)
     # The engine starts from the actor's weights: the same HF weights on a fresh start, the
     # checkpoint's on a resume.
     sync_weights(run.actor, run.engine, cfg, run.hf_config)
@@ -151,6 +155,9 @@ def train_step(run: Run, step: int) -> dict[str, float]:
 
 
 def _start_distributed(cfg: Config) -> None:
+    # The layout keys are checked against the launcher's world before Megatron sees them.
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    validate_layout(cfg, world, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
     # Ranks wait in a collective while rank 0 starts the engines or generates: the groups' timeout
     # must outlast the engines' own deadlines, so that those are what reports a stuck engine.
     r = cfg.rollout
@@ -158,8 +165,31 @@ def _start_distributed(cfg: Config) -> None:
     init_distributed(
         ParallelLayout(tp=cfg.model.tp, pp=cfg.model.pp), seed=cfg.train.seed, timeout_minutes=timeout_minutes
     )
-    world = dist.get_world_size()
-    validate_layout(cfg, world, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+
+
+def _open_run_dir(cfg: Config):
+    """Rank 0 locks the run directory (run_dir.py) and picks the checkpoint to resume from
+    (verified, checkpoint.py), resetting metrics.jsonl to it, before anything is loaded: a second
+    trainer, or a bad ``ckpt.resume``, stops every rank at once. Returns (the open lock file on
+    rank 0, None elsewhere; the checkpoint or None, on every rank)."""
+    lock = None
+
+    def claim() -> Path | None:
+        nonlocal lock
+        lock = lock_run_dir(cfg.output_dir)
+        if cfg.ckpt.resume == "none":
+            refuse_to_start_over(cfg.output_dir, checkpoint_root(cfg))
+        path = find_resume_checkpoint(cfg)
+        restore_metrics(cfg.output_dir, path)
+        return path
+
+    try:
+        path = from_rank_0(claim, "opening the run directory")
+    except BaseException:
+        if lock is not None:
+            lock.close()
+        raise
+    return lock, path
 
 
 def _start_engine(cfg: Config, tokenizer):
@@ -183,10 +213,7 @@ def _start_engine(cfg: Config, tokenizer):
     return engine
 
 
-def _setup(cfg: Config, tokenizer, dataset, engine) -> Run:
-    from srpo_megatron.models.qwen3.config import load_hf_config
-
-    hf_config = load_hf_config(cfg.model.hf_dir)
+def _setup(cfg: Config, hf_config: dict, tokenizer, dataset, engine) -> Run:
     updates_per_step = cfg.train.prompts_per_step // cfg.train.mini_batch_prompts
     return Run(
         cfg=cfg,
@@ -208,21 +235,19 @@ def _setup(cfg: Config, tokenizer, dataset, engine) -> Run:
     )
 
 
-def _resume_if_any(run: Run) -> int:
+def _resume_if_any(run: Run, path: Path | None) -> int:
     """The step to continue after (0 for a fresh run)."""
-    path = find_resume_checkpoint(run.cfg)
     if path is None:
         return 0
     step, extra = load_checkpoint(path, run.cfg, run.actor, run.dataset, run.routing_rng)
     run.hours = extra["hours"]
     run.best.load_state_dict(extra["best"])
-    truncate_metrics(run.cfg, step)
     if dist.get_rank() == 0:
         print(f"resumed from {path} (step {step})")
         if step >= run.cfg.train.total_steps:
             print(
                 f"the run is already complete (train.total_steps={run.cfg.train.total_steps}); to start "
-                "over use ckpt.resume=none or another log.run_name, to go on raise train.total_steps"
+                "over set another log.run_name, to go on raise train.total_steps"
             )
     return step
 

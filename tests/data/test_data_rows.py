@@ -3,6 +3,8 @@ import json
 import pytest
 
 from srpo_megatron.data.rows import PromptRow, load_rows, parse_row, save_rows
+from srpo_megatron.errors import UserError
+from srpo_megatron.rewards import get_reward_fn
 
 SDPO_SCIENCE = {
     "idx": 96,
@@ -109,3 +111,26 @@ def test_parquet_without_extra_and_json_array(tmp_path):
     assert load_rows(tmp_path / "a.parquet") == rows
     (tmp_path / "b.json").write_text(json.dumps([VERL, VERL]))
     assert len(load_rows(tmp_path / "b.json")) == 2
+
+
+def test_non_utf8_byte_names_file_line_and_column(tmp_path):
+    path = tmp_path / "train.jsonl"
+    good = json.dumps(VERL).encode()
+    path.write_bytes(good + b"\n" + good.replace(b'"q"', b'"q\xff"') + b"\n")
+    column = good.index(b'"q"') + 3
+    with pytest.raises(
+        UserError, match=rf"train.jsonl, line 2: not UTF-8 text \(byte 0xff at column {column}\)"
+    ):
+        load_rows(path)
+
+
+def test_empty_user_message_is_refused(tmp_path):
+    record = {**VERL, "prompt": [{"role": "system", "content": "sys"}, {"role": "user", "content": " "}]}
+    with pytest.raises(UserError, match="row 1: field 'prompt' message 1 is an empty user message"):
+        load_rows(write_jsonl(tmp_path / "train.jsonl", [record]))
+
+
+def test_row_check_errors_name_file_and_row(tmp_path):
+    path = write_jsonl(tmp_path / "train.jsonl", [VERL, {**VERL, "data_source": "chemistyr"}])
+    with pytest.raises(UserError, match="train.jsonl, row 2: no reward function for data_source 'chemistyr'"):
+        load_rows(path, check=lambda row: get_reward_fn(row.data_source))

@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 from srpo_megatron.rewards import get_reward_fn, score_tool_use
 from srpo_megatron.rewards.tool_use import (
     MAX_ACTION_INPUT_BLOCKS,
+    MAX_DECODED_CHARS,
     extract_action_inputs,
     extract_actions,
     json_equal,
@@ -152,6 +153,19 @@ def test_block_cap():
     assert "more than" in score_tool_use(response, truth).reason
     response = "Action: f\n" + 'Action Input: {"n": 1}\n' * 100
     assert score_tool_use(response, truth).score == 1.0
+
+
+@pytest.mark.parametrize("parser", ["balanced", "reference"])
+def test_decode_cap(parser):
+    truth = gold(("f", {"n": 1}))
+    # dense JSON past the cap, overridden by a correct block: uncapped, this scored 1.0 after
+    # decoding all of it (about 1 s per 10 MB)
+    dense = 'Action Input: {"n": [' + "1," * (MAX_DECODED_CHARS // 2) + "1]}\n"
+    result = score_tool_use("Action: f\n" + dense + 'Action Input: {"n": 1}', truth, parser=parser)
+    assert result.score == 0.0 and "characters of them" in result.reason
+    # the longest response the trainer can sample (8192 tokens x 128 characters) is not capped
+    padded = 'Action: f\nAction Input: {"n":' + " " * (8192 * 128) + "1}"
+    assert score_tool_use(padded, truth, parser=parser).score == 1.0
 
 
 def test_long_valid_object_crosses_the_decode_window():

@@ -37,8 +37,8 @@ def train_steps_in_ranks(overrides: list[str], steps: int):
     rollouts.get_reward_fn = parity_reward
     cfg = load_config(["configs/tiny_cpu.yaml"], overrides)
     loop._start_distributed(cfg)
-    tokenizer, dataset = loop.load_training_data(cfg)
-    run = loop._setup(cfg, tokenizer, dataset, loop._start_engine(cfg, tokenizer))
+    hf_config, tokenizer, dataset = loop.load_run_inputs(cfg)
+    run = loop._setup(cfg, hf_config, tokenizer, dataset, loop._start_engine(cfg, tokenizer))
     actor = run.actor
     initial = {n: p.detach().clone() for n, p in actor.student.named_parameters()}
     loop.sync_weights(actor, run.engine, cfg, run.hf_config)

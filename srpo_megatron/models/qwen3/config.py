@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from srpo_megatron.errors import UserError
+
 SUPPORTED_ARCHITECTURES = ("Qwen3ForCausalLM",)
 
 
@@ -24,8 +26,11 @@ def load_hf_config(hf_dir: str | Path) -> dict[str, Any]:
     """The dict of ``<hf_dir>/config.json``."""
     path = Path(hf_dir) / "config.json"
     if not path.is_file():
-        raise ValueError(f"{path} does not exist: not an HF model directory")
-    return json.loads(path.read_text())
+        raise UserError(f"{path} does not exist: not an HF model directory")
+    try:
+        return json.loads(path.read_text())
+    except ValueError as err:
+        raise UserError(f"{path}: not valid JSON: {err}") from None
 
 
 @dataclass(frozen=True)
