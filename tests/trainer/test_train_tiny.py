@@ -1,6 +1,6 @@
 """Two-step tiny trainings through the real pipeline (HF engine, rewards, routing, Megatron actor at
-TP=2 and at PP=2, EMA teacher (parked in host memory at TP=2), weight sync, evaluation, checkpoint,
-HF export) on 2 gloo processes."""
+TP=2 in fp32 and at PP=2 in bf16, EMA teacher (parked in host memory at TP=2), weight sync,
+evaluation, checkpoint, HF export) on 2 gloo processes."""
 
 import json
 
@@ -10,11 +10,12 @@ from tiny_training import train_in_ranks
 from srpo_megatron.runtime.launch import run_distributed
 
 
-@pytest.mark.parametrize(("tp", "pp"), [(2, 1), (1, 2)])
-def test_two_steps(tiny_run_inputs, tmp_path, tp, pp):
+@pytest.mark.parametrize(("tp", "pp", "dtype"), [(2, 1, "float32"), (1, 2, "bfloat16")])
+def test_two_steps(tiny_run_inputs, tmp_path, tp, pp, dtype):
     root = tiny_run_inputs
     overrides = [
         f"model.hf_dir={root / 'model'}",
+        f"model.dtype={dtype}",
         f"model.tp={tp}",
         f"model.pp={pp}",
         f"data.train_files=[{root / 'train.parquet'}]",
@@ -37,7 +38,10 @@ def test_two_steps(tiny_run_inputs, tmp_path, tp, pp):
     out, _ = run_distributed(
         train_in_ranks, world_size=2, megatron=False, args=(overrides, tp == 2), timeout=600
     )
-    assert out["changed"] == out["total"]
+    if dtype == "float32":
+        assert out["changed"] == out["total"]
+    else:  # bf16 norm weights sit at 1.0, where a bf16 step is 2^-7: 4 Adam updates of lr 5e-4 round away
+        assert out["changed"] > 0 and all(k.endswith("norm.weight") for k in out["unchanged"]), out["unchanged"]
     if tp == 2:  # the HF export of the trained policy gives the Megatron actor's log-probs
         assert out["export_gap"] < 1e-4
 
@@ -57,8 +61,9 @@ def test_two_steps(tiny_run_inputs, tmp_path, tp, pp):
         # the teacher scored exactly the SDPO-routed rollouts, no more
         assert r["teacher_rollouts"] == round(r["sdpo_fraction"] * 16) > 0  # 4 prompts x 4 samples
         assert r["update_ok"] == 1.0 and r["grad_norm"] > 0
-        # the engine samples with the trainer's weights (synced after every step)
-        assert r["logp_gap_max"] < 1e-4
+        # the engine samples with the trainer's weights (synced after every step); in bf16 the two
+        # kernels round differently (the tiny run's bf16 gap is in the README)
+        assert r["logp_gap_max"] < (1e-4 if dtype == "float32" else 0.25)
     assert ("eval/avg@2" in records[-1]) == (tp == 2)
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_000002"]
 

@@ -55,7 +55,8 @@ def train_in_ranks(overrides: list[str], check_export: bool = False, poison_loss
 
     start = AutoModelForCausalLM.from_pretrained(cfg.model.hf_dir).state_dict()
     now = result.engine.model.state_dict()  # the engine holds the trained weights (synced)
-    out = {"changed": sum(not torch.equal(start[k], now[k]) for k in start), "total": len(start)}
+    unchanged = [k for k in start if torch.equal(start[k].to(now[k].dtype), now[k])]
+    out = {"changed": len(start) - len(unchanged), "total": len(start), "unchanged": unchanged}
     if check_export:
         exported = AutoModelForCausalLM.from_pretrained(cfg.output_dir / "hf").eval()
         hf_logp = []
