@@ -41,7 +41,9 @@ def test_two_steps(tiny_run_inputs, tmp_path, tp, pp, dtype):
     if dtype == "float32":
         assert out["changed"] == out["total"]
     else:  # bf16 norm weights sit at 1.0, where a bf16 step is 2^-7: 4 Adam updates of lr 5e-4 round away
-        assert out["changed"] > 0 and all(k.endswith("norm.weight") for k in out["unchanged"]), out["unchanged"]
+        assert out["changed"] > 0 and all(k.endswith("norm.weight") for k in out["unchanged"]), out[
+            "unchanged"
+        ]
     if tp == 2:  # the HF export of the trained policy gives the Megatron actor's log-probs
         assert out["export_gap"] < 1e-4
 
