@@ -39,13 +39,8 @@ def iter_main_shards(optimizer):
                     yield param, main, owned.start, owned.end
 
 
-def data_parallel_group(optimizer):
-    (group,) = {opt.data_parallel_group for opt in optimizer.chained_optimizers}
-    return group
-
-
 class EmaTeacher:
-    """The teacher module (compute weights, no grad) and this rank's fp32 EMA values of it.
+    """This rank's fp32 EMA values of the teacher ``module`` (its compute weights, no grad).
 
     ``student`` is the unwrapped student module and ``optimizer`` its Megatron distributed
     optimizer; the teacher starts equal to the student. ``offload``: park the compute weights and
@@ -53,10 +48,9 @@ class EmaTeacher:
     """
 
     def __init__(self, module: torch.nn.Module, student: torch.nn.Module, optimizer, *, offload: bool):
-        self.module = module
         self.params = dict(module.named_parameters())  # tied weights appear once
         self._names = {param: name for name, param in student.named_parameters()}
-        self.group = data_parallel_group(optimizer)
+        (self.group,) = {opt.data_parallel_group for opt in optimizer.chained_optimizers}
         self.slices: dict[str, tuple[int, int]] = {}
         self.values: dict[str, torch.Tensor] = {}  # name -> fp32 [end - start]
         for param, main, start, end in iter_main_shards(optimizer):
