@@ -362,7 +362,7 @@ def _reduce_train_metrics(per_update: list[dict]) -> dict[str, float]:
     lows = torch.full((len(extremes),), math.inf, dtype=torch.float64)
     highs = torch.full((len(extremes),), -math.inf, dtype=torch.float64)
     for m in micro:
-        if round(m["route/sdpo_token_frac"] * m["valid_tokens"]) == 0:
+        if _TOKENS_OF["dw/"](m) == 0:
             continue  # dw/weight_* are over SDPO tokens
         for j, key in enumerate(extremes):
             lows[j] = min(lows[j], m[key])

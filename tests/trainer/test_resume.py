@@ -8,16 +8,14 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from tiny_training import train_in_ranks
+from tiny_training import start_killable_run, train_in_ranks
 
 from srpo_megatron.runtime.launch import run_distributed
 
-HERE = Path(__file__).parent
 COMPARED = ("reward_mean", "loss", "loss/grpo", "loss/sdpo", "grad_norm", "sdpo_fraction", "logp_gap_max")
 
 
@@ -44,24 +42,6 @@ def _records(out: Path) -> dict[int, dict]:
     return {r["step"]: r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
 
 
-def _start_killable_run(overrides: list[str]) -> subprocess.Popen:
-    """The training in its own process group (driver + ranks), so one killpg takes all of it."""
-    script = (
-        f"import sys; sys.path.insert(0, {str(HERE)!r})\n"
-        "from tiny_training import train_in_ranks\n"
-        "from srpo_megatron.runtime.launch import run_distributed\n"
-        "if __name__ == '__main__':\n"
-        f"    run_distributed(train_in_ranks, world_size=2, megatron=False, args=({overrides!r},), timeout=600)\n"
-    )
-    return subprocess.Popen(
-        [sys.executable, "-c", script],
-        cwd=HERE.parents[1],
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-
-
 def _kill_when(proc: subprocess.Popen, ready, timeout: float = 300.0) -> None:
     deadline = time.monotonic() + timeout
     while not ready():
@@ -79,7 +59,7 @@ def test_sigkill_during_step_3_then_resume_matches_uninterrupted_run(tiny_run_in
         train_in_ranks, world_size=2, megatron=False, args=(_overrides(root, clean),), timeout=600
     )
 
-    proc = _start_killable_run(_overrides(root, crashed))
+    proc = start_killable_run("train_in_ranks", _overrides(root, crashed), world_size=2)
     # step 2's checkpoint is complete: the run is now in step 3
     _kill_when(proc, lambda: (crashed / "checkpoints" / "step_000002" / "trainer_state.json").is_file())
     assert max(_records(crashed)) < 4
@@ -96,7 +76,7 @@ def test_sigkill_during_step_3_then_resume_matches_uninterrupted_run(tiny_run_in
 def test_sigkill_during_a_save_keeps_the_previous_checkpoint(tiny_run_inputs, tmp_path):
     root, out = tiny_run_inputs, tmp_path / "run"
     ckpts = out / "checkpoints"
-    proc = _start_killable_run(_overrides(root, out))
+    proc = start_killable_run("train_in_ranks", _overrides(root, out), world_size=2)
     _kill_when(proc, lambda: (ckpts / "step_000002").is_dir() and (ckpts / "step_000004.tmp").is_dir())
     assert sorted(p.name for p in ckpts.iterdir()) == ["step_000002", "step_000004.tmp"]
 

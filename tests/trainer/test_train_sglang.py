@@ -7,14 +7,11 @@ import json
 import os
 import re
 import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
-from tiny_training import train_with_sglang_in_ranks
+from tiny_training import start_killable_run, train_with_sglang_in_ranks
 
 from srpo_megatron.rollout.sglang_engine import SGLangHTTPClient
 from srpo_megatron.rollout.sglang_server import ServerSpec, launch_server, wait_until_healthy
@@ -23,7 +20,6 @@ from srpo_megatron.runtime.distributed import find_free_port
 from srpo_megatron.runtime.launch import run_distributed
 
 FAKE = "srpo_megatron.testing.fake_sglang_server"
-HERE = Path(__file__).parent
 
 
 def _overrides(root, out, *extra):
@@ -159,24 +155,6 @@ def test_disaggregated_engine_at_a_url_receives_every_stage_by_broadcast(
     assert compare_checksums(_checksums_of(tiny_run_inputs / "model"), held) != []  # it did train
 
 
-def _start_killable_sglang_run(overrides: list[str]) -> subprocess.Popen:
-    """The training in its own process group, so one killpg takes it (its servers die with it)."""
-    script = (
-        f"import sys; sys.path.insert(0, {str(HERE)!r})\n"
-        "from tiny_training import train_with_sglang_in_ranks\n"
-        "from srpo_megatron.runtime.launch import run_distributed\n"
-        "if __name__ == '__main__':\n"
-        f"    run_distributed(train_with_sglang_in_ranks, world_size=1, megatron=False, args=({overrides!r},), timeout=600)\n"
-    )
-    return subprocess.Popen(
-        [sys.executable, "-c", script],
-        cwd=HERE.parents[1],
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-
-
 def test_sigkill_then_resume_on_deterministic_engines_matches_an_uninterrupted_run(tiny_run_inputs, tmp_path):
     """rollout.deterministic: the engines sample each request from its own seed, derived from (run
     seed, step, prompt, sample), so the fresh engines of a resumed run sample what the killed run's
@@ -205,7 +183,7 @@ def test_sigkill_then_resume_on_deterministic_engines_matches_an_uninterrupted_r
         train_with_sglang_in_ranks, world_size=1, megatron=False, args=(overrides(clean),), timeout=600
     )
 
-    proc = _start_killable_sglang_run(overrides(crashed))
+    proc = start_killable_run("train_with_sglang_in_ranks", overrides(crashed), world_size=1)
     deadline = time.monotonic() + 300
     while not (crashed / "checkpoints" / "step_000002" / "trainer_state.json").is_file():
         assert proc.poll() is None and time.monotonic() < deadline, "the run ended or stalled before step 3"

@@ -4,6 +4,10 @@ The reward is replaced by a parity rule on the response length (about half the r
 so every step has mixed groups and therefore SDPO-routed rollouts, even from a random model.
 """
 
+import subprocess
+import sys
+from pathlib import Path
+
 import torch
 
 from srpo_megatron.config import load_config
@@ -115,3 +119,23 @@ def evaluate_in_rank(overrides: list[str], parsers: list[str], prompts, response
         )
         for parser in parsers
     }
+
+
+def start_killable_run(fn_name: str, overrides: list[str], world_size: int) -> subprocess.Popen:
+    """``run_distributed(<tiny_training.fn_name>, ...)`` in a process group of its own (driver, ranks
+    and the servers they launch), so one killpg from the test takes all of it."""
+    here = Path(__file__).parent
+    script = (
+        f"import sys; sys.path.insert(0, {str(here)!r})\n"
+        f"from tiny_training import {fn_name}\n"
+        "from srpo_megatron.runtime.launch import run_distributed\n"
+        "if __name__ == '__main__':\n"
+        f"    run_distributed({fn_name}, world_size={world_size}, megatron=False, args=({overrides!r},), timeout=600)\n"
+    )
+    return subprocess.Popen(
+        [sys.executable, "-c", script],
+        cwd=here.parents[1],
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
