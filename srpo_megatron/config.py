@@ -25,7 +25,8 @@ from srpo_megatron.errors import UserError
 @dataclass
 class ModelConfig:
     hf_dir: str = "???"
-    """HF checkpoint to start from (config.json + safetensors), or a Megatron checkpoint via ckpt.load."""
+    """HF checkpoint to start from (config.json + safetensors); a Megatron checkpoint of this
+    trainer is loaded through ``ckpt.resume`` instead."""
     tokenizer_dir: str | None = None
     """Tokenizer files; defaults to ``hf_dir``."""
     tp: int = 1

@@ -1,6 +1,9 @@
 """The tiny Qwen3 shape the tests build on: small enough for 2 CPU cores, yet with what the mapping
 must get right in Qwen3: grouped query attention (4 query heads over 2 KV groups) and a head_dim
-(24) that is not hidden_size / heads. Tests override what they vary (vocabulary, layers, ties)."""
+(24) that is not hidden_size / heads. Tests override what they vary (vocabulary, layers, ties).
+``mask_padded_vocab`` makes Megatron's padded-vocabulary logits comparable with HF's."""
+
+import torch
 
 TINY_QWEN3 = dict(
     vocab_size=1000,
@@ -18,3 +21,18 @@ def tiny_qwen3_config(**overrides):
     from transformers import Qwen3Config
 
     return Qwen3Config(**{**TINY_QWEN3, **overrides})
+
+
+def mask_padded_vocab(logits: torch.Tensor, vocab_size: int, vocab_start: int = 0) -> torch.Tensor:
+    """Logits with the padded entries (global token id >= ``vocab_size``) set to the dtype's minimum.
+
+    logits: ``[..., V_shard]``, the TP shard whose first column is global token ``vocab_start``
+    (``tp_rank * V_shard``); communication-free. The minimum finite value rather than -inf keeps
+    ``p * logp`` at 0 (not NaN) in entropy terms. Returns a new tensor when anything is masked,
+    ``logits`` itself otherwise.
+    """
+    num_real = vocab_size - vocab_start  # real columns in this shard (may be <= 0 or > V_shard)
+    if num_real >= logits.shape[-1]:
+        return logits
+    pad = torch.arange(logits.shape[-1], device=logits.device) >= max(num_real, 0)  # [V_shard]
+    return logits.masked_fill(pad, torch.finfo(logits.dtype).min)

@@ -13,7 +13,8 @@ import time
 from pathlib import Path
 
 from srpo_megatron.data.tokenizer import load_tokenizer
-from srpo_megatron.data.warmup import WarmupConfig, build_tiny_qwen3, evaluate_format, format_warmup
+from srpo_megatron.format_warmup import WarmupConfig, evaluate_format, format_warmup
+from srpo_megatron.models.qwen3.tiny import build_tiny_qwen3
 
 
 def main(argv: list[str] | None = None) -> dict:

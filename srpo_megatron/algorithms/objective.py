@@ -34,16 +34,17 @@ from srpo_megatron.algorithms.policy_loss import LOG_RATIO_CLAMP, compute_policy
 from srpo_megatron.algorithms.weighting import compute_entropy_weights
 
 
-@dataclass
+@dataclass(kw_only=True)
 class LossBatch:
     """Per-token inputs of one micro-batch: B rollouts, T response positions, K top-k ids.
 
+    ``logp`` and ``student_topk_logp`` come from the forward pass being trained (with grad); the
+    trainer builds everything else before that pass and fills those two in its loss function.
     Teacher tensors are read only on rollouts that have a teacher (route_sdpo, or has_teacher for
     advantage_mix); elsewhere they may hold any finite filler, or be None when no rollout of the
     micro-batch needs them.
     """
 
-    logp: torch.Tensor  # [B, T] student log-prob of the sampled token (with grad)
     old_logp: torch.Tensor  # [B, T] pi_old log-prob (trainer recompute, no grad)
     rollout_logp: torch.Tensor  # [B, T] rollout engine log-prob
     loss_mask: torch.Tensor  # [B, T] 1 on valid response tokens
@@ -51,7 +52,9 @@ class LossBatch:
     route_sdpo: torch.Tensor  # [B] bool, rollouts on the SDPO branch
     has_teacher: torch.Tensor  # [B] bool, rollouts with a correct sibling (m_i)
     fallback: torch.Tensor  # [B] bool, wrong rollouts without a correct sibling
-    student_topk_logp: torch.Tensor | None = None  # [B, T, K] student log-probs at its top-K ids (with grad)
+    logp: torch.Tensor | None = None  # [B, T] student log-prob of the sampled token (with grad)
+    topk_ids: torch.Tensor | None = None  # [B, T, K] the student's top-K ids (fixed by the old pass)
+    student_topk_logp: torch.Tensor | None = None  # [B, T, K] student log-probs at topk_ids (with grad)
     teacher_topk_logp: torch.Tensor | None = None  # [B, T, K] teacher log-probs at the same ids
     teacher_entropy: torch.Tensor | None = None  # [B, T] full-vocab teacher entropy (srpo)
     teacher_logp: torch.Tensor | None = None  # [B, T] teacher log-prob of the sampled token (advantage_mix)
@@ -150,6 +153,7 @@ def compute_srpo_loss(
     """
     if float(num_tokens) <= 0:
         raise ValueError(f"num_tokens (the global denominator) must be > 0, got {float(num_tokens)}")
+    _require(batch.logp, "logp", "(the forward pass's log-probs)")
     mask = batch.loss_mask.bool()  # [B, T]
     route_sdpo = batch.route_sdpo.bool()[:, None]  # [B, 1]
     grpo_rows = ~route_sdpo if cfg.variant != "sdpo" else torch.zeros_like(route_sdpo)  # [B, 1]

@@ -1,5 +1,5 @@
 """Prompt data: loading and validating rows, chat templating, length filtering, the resumable
-shuffled batch order, and the synthetic CPU task (the format warm-up is in data/warmup.py)."""
+shuffled batch order, and the synthetic CPU task (its format warm-up is ``srpo_megatron/format_warmup.py``)."""
 
 from srpo_megatron.data.dataset import PromptDataset
 from srpo_megatron.data.rows import PromptRow, load_rows, parse_row, save_rows

@@ -8,7 +8,7 @@ cost of every token). Rows use data_source "synthetic_mcq", scored by the scienc
 Why this rule: it is a pure attention pattern (find the `*`, copy the letter three tokens before
 it) that a 2-layer, hidden-128 model can represent, the marked position is uniform so chance is
 exactly 25%, and nothing in the prompt's wording gives the answer away to a model that has not
-learnt it. The format warm-up (data/warmup.py) teaches `<answer>X</answer>` with random letters,
+learnt it. The format warm-up (format_warmup.py) teaches `<answer>X</answer>` with random letters,
 so RL starts near 25% and has room to climb.
 """
 

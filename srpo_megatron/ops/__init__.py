@@ -2,10 +2,10 @@
 logits sharded over the vocabulary, chunked over tokens, on an explicit process group.
 
 Layers: ``shard_math`` (one shard, one chunk, no communication), ``token_stats`` (the autograd
-Functions: chunk loop, collectives, recompute in backward), ``tail`` (the top-k tail bucket).
+Functions: chunk loop, collectives, recompute in backward). The top-k tail bucket is the loss's
+(``algorithms/distillation.compute_tail_logp``).
 """
 
-from srpo_megatron.ops.tail import tail_logmass
 from srpo_megatron.ops.token_stats import (
     DEFAULT_CHUNK_SIZE,
     TokenStats,
@@ -16,7 +16,6 @@ from srpo_megatron.ops.token_stats import (
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
     "TokenStats",
-    "tail_logmass",
     "vocab_parallel_token_stats",
     "vocab_parallel_token_stats_from_logits",
 ]

@@ -44,3 +44,8 @@ def get_reward_fn(data_source: str, *, tool_use_parser: InputParser = "balanced"
     raise ValueError(
         f"no reward function for data_source {data_source!r}; known: {', '.join(known_data_sources())}"
     )
+
+
+def check_reward_fn(row) -> None:
+    """A check for ``data.load_rows``: the ValueError above for a row whose data_source has no verifier."""
+    get_reward_fn(row.data_source)

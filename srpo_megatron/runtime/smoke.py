@@ -3,9 +3,9 @@ steps at TP=2 (gloo on CPU, NCCL on GPUs), printing the loss of each step.
 
     python -m srpo_megatron.runtime.smoke [--steps N]
 
-It is what the README's main command runs until the SRPO trainer lands (issue 8), and the model
-builder the runtime tests use. It exercises the real pieces: Megatron's parallel layers (local
-spec), DDP, ``get_megatron_optimizer`` and our CPU runtime.
+A quick check that Megatron-core trains on this machine, and the model builder of the runtime tests.
+It exercises the real pieces: Megatron's parallel layers (local spec), DDP,
+``get_megatron_optimizer`` and our CPU runtime.
 """
 
 import argparse

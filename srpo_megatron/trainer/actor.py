@@ -1,7 +1,7 @@
 """The Megatron actor: the student (DDP + Megatron optimizer + LR schedule) and the EMA teacher,
 sharded alike, and the three passes of a step through Megatron's ``forward_backward_func``:
 
-    score(...)        forward only, no grad: old log-probs (+ the student's top-K ids), or the
+    forward(...)      forward only, no grad: old log-probs (+ the student's top-K ids), or the
                       teacher's log-probs at those ids + its full-vocab entropy;
     train(...)        forward + backward with the SRPO objective, then one optimizer step;
     update_teacher()  theta_T <- (1 - rate) * theta_T + rate * theta_S, on fp32 values
@@ -20,10 +20,10 @@ the gradients by the count summed over micro-batches and data-parallel ranks —
 denominator of ALGORITHM.md sec. 6, whatever the micro-batching and DP size.
 """
 
+import dataclasses
 import math
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -35,22 +35,6 @@ from srpo_megatron.models.qwen3.provider import build_qwen3_model
 from srpo_megatron.ops.token_stats import TokenStats, vocab_parallel_token_stats
 from srpo_megatron.trainer.batching import MicroBatch
 from srpo_megatron.trainer.teacher import EmaTeacher
-
-
-@dataclass
-class TrainInputs:
-    """Per-rollout tensors of one micro-batch in the response layout [B, T] (filler rows: zeros)."""
-
-    old_logp: torch.Tensor  # [B, T]
-    rollout_logp: torch.Tensor  # [B, T]
-    advantages: torch.Tensor  # [B]
-    route_sdpo: torch.Tensor  # [B] bool
-    has_teacher: torch.Tensor  # [B] bool
-    fallback: torch.Tensor  # [B] bool
-    topk_ids: torch.Tensor | None = None  # [B, T, K] the student's top-K support (from the old pass)
-    teacher_topk_logp: torch.Tensor | None = None  # [B, T, K]
-    teacher_entropy: torch.Tensor | None = None  # [B, T]
-    teacher_logp: torch.Tensor | None = None  # [B, T]
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -209,7 +193,7 @@ class MegatronActor:
         )
 
     @torch.no_grad()
-    def score(
+    def forward(
         self,
         micro_batches: list[MicroBatch],
         *,
@@ -244,33 +228,25 @@ class MegatronActor:
     def train(
         self,
         micro_batches: list[MicroBatch],
-        inputs: list[TrainInputs],
+        inputs: list[LossBatch] | None,
         *,
-        weight_sum: torch.Tensor | None,
-        weight_count: torch.Tensor | None,
+        weight_stats: tuple[torch.Tensor, torch.Tensor] | None,
     ) -> dict[str, float]:
-        """Forward + backward over one mini-batch with the SRPO objective, then one optimizer step."""
+        """Forward + backward over one mini-batch with the SRPO objective, then one optimizer step.
+
+        inputs: each micro-batch's ``LossBatch`` without the log-probs of this pass (which the loss
+        function fills in), on the last pipeline stage; None on the other stages. weight_stats: the
+        global sum and count of the dynamic weights (srpo; ``objective.compute_srpo_loss``)."""
         alg: AlgorithmConfig = self.cfg.algorithm
+        weight_sum, weight_count = weight_stats or (None, None)
         per_micro_batch: list[dict] = []
 
         def loss_func(index, mb, stats: TokenStats):
-            x = inputs[index]
             topk_logp = None
             if stats.gathered_logp is not None:
                 topk_logp = mb.to_response_layout(stats.gathered_logp)
-            batch = LossBatch(
-                logp=mb.to_response_layout(stats.logp),
-                old_logp=x.old_logp,
-                rollout_logp=x.rollout_logp,
-                loss_mask=mb.response_mask.float(),
-                advantages=x.advantages,
-                route_sdpo=x.route_sdpo,
-                has_teacher=x.has_teacher,
-                fallback=x.fallback,
-                student_topk_logp=topk_logp,
-                teacher_topk_logp=x.teacher_topk_logp,
-                teacher_entropy=x.teacher_entropy,
-                teacher_logp=x.teacher_logp,
+            batch = dataclasses.replace(
+                inputs[index], logp=mb.to_response_layout(stats.logp), student_topk_logp=topk_logp
             )
             # num_tokens=1: the numerator; Megatron divides by the global count returned next to it.
             loss, metrics = compute_srpo_loss(

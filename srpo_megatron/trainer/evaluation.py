@@ -11,18 +11,17 @@ from collections import defaultdict
 from srpo_megatron.config import Config
 from srpo_megatron.data.rows import load_rows
 from srpo_megatron.data.templating import tokenize_and_filter
-from srpo_megatron.rewards.registry import get_reward_fn
+from srpo_megatron.rewards.registry import check_reward_fn, get_reward_fn
 from srpo_megatron.rollout.engine import SamplingParams
 from srpo_megatron.runtime.distributed import from_rank_0
 from srpo_megatron.runtime.progress import progress_bar
-from srpo_megatron.trainer.setup import has_reward_fn
 
 BUDGET_HOURS = (1, 5, 10)
 
 
 def load_eval_prompts(cfg: Config, tokenizer) -> list:
     limit = cfg.eval.max_prompts or None
-    rows = [row for path in cfg.data.test_files for row in load_rows(path, check=has_reward_fn)[:limit]]
+    rows = [row for path in cfg.data.test_files for row in load_rows(path, check=check_reward_fn)[:limit]]
     prompts, _ = tokenize_and_filter(rows, tokenizer, cfg.data.max_prompt_length)
     return prompts
 

@@ -1,42 +1,53 @@
 """The SRPO training loop (DESIGN.md, "The data path of one training step"):
 
-    rollouts -> rewards -> routing -> old log-probs (+ the student's top-K ids)
-      -> EMA-teacher forward on SDPO-routed rollouts only -> mini-batches through Megatron's schedule
-      -> optimizer step -> EMA teacher update -> weight sync -> metrics
+    rollouts -> rewards -> routing, advantages -> old log-probs (+ the student's top-K ids)
+      -> EMA-teacher pass on the SDPO-routed rollouts -> per optimizer update: micro-batches through
+      Megatron's schedule, optimizer step -> EMA teacher update -> weight sync -> metrics
 
 Every rank runs this loop. Rollouts are generated once (by the engine's owner rank) and broadcast,
 so rewards, routing and advantages are the same numbers on every rank; each data-parallel rank
-then scores and trains its own contiguous share of the step's rollouts (whole prompt groups).
+then runs the actor passes and trains on its own contiguous share of the step's rollouts (whole
+prompt groups). The functions of each stage are in ``rollouts.py``; the run's start is in
+``setup.py``.
 """
 
-import math
-import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from srpo_megatron.algorithms import compute_group_advantages, compute_weight_stats, route_rollouts
-from srpo_megatron.config import Config, to_dict, validate_layout
-from srpo_megatron.runtime.distributed import ParallelLayout, from_rank_0, init_distributed
-from srpo_megatron.trainer.actor import MegatronActor, TrainInputs
+from srpo_megatron.algorithms import compute_group_advantages, route_rollouts
+from srpo_megatron.config import Config
+from srpo_megatron.trainer.actor import MegatronActor
 from srpo_megatron.trainer.batching import build_micro_batches
-from srpo_megatron.trainer.checkpoint import (
-    checkpoint_root,
-    export_hf,
-    find_resume_checkpoint,
-    list_checkpoints,
-    load_checkpoint,
-    save_checkpoint,
-)
-from srpo_megatron.trainer.engines import make_engine, sync_weights
-from srpo_megatron.trainer.evaluation import BestWithinBudget, evaluate, load_eval_prompts
+from srpo_megatron.trainer.checkpoint import checkpoint_root, export_hf, list_checkpoints, save_checkpoint
+from srpo_megatron.trainer.engines import sync_weights
+from srpo_megatron.trainer.evaluation import evaluate
 from srpo_megatron.trainer.header import print_start_header
-from srpo_megatron.trainer.metrics import MetricsLogger, PhaseTimer
-from srpo_megatron.trainer.rollouts import StepRollouts, generate_rollouts, stop_token_ids
-from srpo_megatron.trainer.run_dir import lock_run_dir, refuse_to_start_over, restore_metrics
-from srpo_megatron.trainer.setup import load_run_inputs
+from srpo_megatron.trainer.metrics import PhaseTimer, from_last_stage, reduce_train_metrics
+from srpo_megatron.trainer.rollouts import (
+    build_loss_inputs,
+    compute_old_logp,
+    compute_rewards,
+    compute_teacher_stats,
+    generate_rollouts,
+    reduce_logp_gap,
+    reduce_teacher_entropy,
+    reduce_weight_stats,
+    rollout_metrics,
+    stop_token_ids,
+    teacher_prefixes,
+)
+from srpo_megatron.trainer.setup import (
+    Run,
+    build_run,
+    load_run_inputs,
+    open_run_dir,
+    resume_if_any,
+    start_distributed,
+    start_engine,
+)
 
 
 @dataclass
@@ -46,32 +57,15 @@ class RunResult:
     engine: object  # the rollout engine on its owner rank, None elsewhere
 
 
-@dataclass
-class Run:
-    """What lives for the whole run."""
-
-    cfg: Config
-    hf_config: dict
-    tokenizer: object
-    dataset: object
-    actor: MegatronActor
-    engine: object
-    logger: MetricsLogger
-    routing_rng: torch.Generator
-    eval_prompts: list
-    best: BestWithinBudget = field(default_factory=BestWithinBudget)
-    hours: float = 0.0  # training wall clock so far (for the eval budgets), kept across resumes
-
-
 def train(cfg: Config) -> RunResult:
-    _start_distributed(cfg)
+    start_distributed(cfg)
     lock = engine = None
     try:
-        lock, resume = _open_run_dir(cfg)
+        lock, resume = open_run_dir(cfg)
         hf_config, tokenizer, dataset = load_run_inputs(cfg)
         print_start_header(cfg, dataset, resume)
-        engine = _start_engine(cfg, tokenizer)
-        return _train(_setup(cfg, hf_config, tokenizer, dataset, engine), resume)
+        engine = start_engine(cfg, tokenizer)
+        return _train(build_run(cfg, hf_config, tokenizer, dataset, engine), resume)
     finally:
         if hasattr(engine, "shutdown"):  # SGLang: stop the servers this run launched
             engine.shutdown()
@@ -81,7 +75,7 @@ def train(cfg: Config) -> RunResult:
 
 def _train(run: Run, resume: Path | None) -> RunResult:
     cfg = run.cfg
-    start = _resume_if_any(run, resume)
+    start = resume_if_any(run, resume)
     # The engine starts from the actor's weights: the same HF weights on a fresh start, the
     # checkpoint's on a resume.
     sync_weights(run.actor, run.engine, cfg, run.hf_config)
@@ -106,150 +100,67 @@ def train_step(run: Run, step: int) -> dict[str, float]:
     """One SRPO step (the diagram at the top of this file); returns its metrics."""
     from megatron.core import parallel_state
 
-    cfg, actor = run.cfg, run.actor
-    dp = parallel_state.get_data_parallel_world_size()
+    cfg, actor, alg = run.cfg, run.actor, run.cfg.algorithm
+    dp_group = parallel_state.get_data_parallel_group()
     last_stage = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
-    updates = cfg.train.prompts_per_step // cfg.train.mini_batch_prompts
+    batching = {"pad_id": run.tokenizer.pad_token_id or 0, "token_budget": cfg.train.micro_batch_tokens}
     timer = PhaseTimer()
     with timer("total"):
         rows = run.dataset.next_batch()
         with timer("rollout"):
-            ro: StepRollouts = generate_rollouts(
-                run.engine, cfg, run.tokenizer, rows, seed=cfg.train.seed + step
-            )
+            batch = generate_rollouts(run.engine, cfg, run.tokenizer, rows, seed=cfg.train.seed + step)
         with timer("reward"):
-            ro.score(rows, run.tokenizer, cfg.reward.tool_use_parser)
-        routing = route_rollouts(ro.rewards, ro.group_ids, cfg.algorithm, generator=run.routing_rng)
-        advantages = compute_group_advantages(ro.rewards, ro.group_ids, std_norm=cfg.algorithm.adv_std_norm)
+            rewards = compute_rewards(batch, rows, run.tokenizer, cfg.reward.tool_use_parser)
+        group_ids = torch.tensor(batch.prompt_index, dtype=torch.long)
+        routing = route_rollouts(rewards, group_ids, alg, generator=run.routing_rng)
+        advantages = compute_group_advantages(rewards, group_ids, std_norm=alg.adv_std_norm)
 
-        mine = _my_share(len(ro), dp, parallel_state.get_data_parallel_rank())
+        mine = _my_share(len(batch), dist.get_world_size(dp_group), dist.get_rank(dp_group))
         with timer("old_logp"):
-            old = ro.score_student(actor, mine, topk=cfg.algorithm.topk if cfg.algorithm.uses_teacher else 0)
+            topk = alg.topk if alg.uses_teacher else 0
+            old = compute_old_logp(actor, batch, mine, topk=topk, **batching)
         with timer("teacher"):
             needs = [i for i in mine if bool(routing.needs_teacher[i])]
-            teacher = ro.score_teacher(actor, needs, routing, old, run.tokenizer, rows, cfg)
+            prefixes = teacher_prefixes(
+                batch, needs, routing.sibling, run.tokenizer, rows, alg.teacher_max_prompt_len
+            )
+            teacher = compute_teacher_stats(actor, batch, needs, prefixes, old, **batching)
         with timer("train"):
+            updates = cfg.train.prompts_per_step // cfg.train.mini_batch_prompts
             per_update = len(mine) // updates
-            train_metrics = [
-                _train_mini_batch(
-                    actor,
-                    cfg,
-                    ro,
-                    mine[k * per_update : (k + 1) * per_update],
-                    routing,
-                    advantages,
-                    old,
-                    teacher,
-                    last_stage,
+            train_metrics = []
+            for k in range(updates):
+                ids = mine[k * per_update : (k + 1) * per_update]
+                mbs = build_micro_batches(
+                    [batch.prompt_ids[i] for i in ids], [batch.response_ids[i] for i in ids], **batching
                 )
-                for k in range(updates)
-            ]
+                inputs = weights = None
+                if last_stage:
+                    inputs = [
+                        build_loss_inputs(mb, ids, batch, routing, advantages, old, teacher) for mb in mbs
+                    ]
+                    if alg.uses_dynamic_weighting:
+                        weights = reduce_weight_stats(inputs, alg.entropy_beta, dp_group)
+                train_metrics.append(actor.train(mbs, inputs, weight_stats=weights))
         if any(m["update_ok"] for m in train_metrics):
-            actor.update_teacher(cfg.algorithm.ema_decay)
+            actor.update_teacher(alg.ema_decay)
         with timer("sync"):
             sync_metrics = sync_weights(actor, run.engine, cfg, run.hf_config)
 
-    metrics = ro.metrics(routing, cfg.algorithm.variant, old, teacher) | _reduce_train_metrics(train_metrics)
-    metrics |= sync_metrics
-    return _from_last_stage(metrics) | timer.seconds
+    metrics = rollout_metrics(batch, rewards, routing, alg.variant)
+    metrics |= reduce_teacher_entropy(teacher, dp_group)
+    if old is not None:  # the last pipeline stage
+        metrics |= reduce_logp_gap(old, batch, dp_group)
+    metrics |= reduce_train_metrics(train_metrics, dp_group) | sync_metrics
+    return from_last_stage(metrics) | timer.seconds
 
 
-def _start_distributed(cfg: Config) -> None:
-    # The layout keys are checked against the launcher's world before Megatron sees them.
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    validate_layout(cfg, world, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
-    # Ranks wait in a collective while rank 0 starts the engines or generates: the groups' timeout
-    # must outlast the engines' own deadlines, so that those are what reports a stuck engine.
-    r = cfg.rollout
-    timeout_minutes = max(30, math.ceil(max(r.call_timeout_s, r.startup_timeout_s) / 60) + 10)
-    init_distributed(
-        ParallelLayout(tp=cfg.model.tp, pp=cfg.model.pp), seed=cfg.train.seed, timeout_minutes=timeout_minutes
-    )
-
-
-def _open_run_dir(cfg: Config):
-    """Rank 0 locks the run directory (run_dir.py) and picks the checkpoint to resume from
-    (verified, checkpoint.py), resetting metrics.jsonl to it, before anything is loaded: a second
-    trainer, or a bad ``ckpt.resume``, stops every rank at once. Returns (the open lock file on
-    rank 0, None elsewhere; the checkpoint or None, on every rank)."""
-    lock = None
-
-    def claim() -> Path | None:
-        nonlocal lock
-        lock = lock_run_dir(cfg.output_dir)
-        if cfg.ckpt.resume == "none":
-            refuse_to_start_over(cfg.output_dir, checkpoint_root(cfg))
-        path = find_resume_checkpoint(cfg)
-        restore_metrics(cfg.output_dir, path)
-        return path
-
-    try:
-        path = from_rank_0(claim, "opening the run directory")
-    except BaseException:
-        if lock is not None:
-            lock.close()
-        raise
-    return lock, path
-
-
-def _start_engine(cfg: Config, tokenizer):
-    """Rank 0 starts the rollout engine(s) before any rank builds the actor: launched SGLang sizes
-    its KV cache on GPUs that are still empty, and colocated engines then give their memory back
-    until the first weight sync. A failure there stops every rank. None on the other ranks."""
-    engine = None
-
-    def start() -> None:
-        nonlocal engine
-        started = make_engine(cfg, tokenizer)
-        try:
-            started.release_memory()
-        except BaseException:
-            if hasattr(started, "shutdown"):
-                started.shutdown()
-            raise
-        engine = started
-
-    from_rank_0(start, "starting the rollout engine")
-    return engine
-
-
-def _setup(cfg: Config, hf_config: dict, tokenizer, dataset, engine) -> Run:
-    updates_per_step = cfg.train.prompts_per_step // cfg.train.mini_batch_prompts
-    return Run(
-        cfg=cfg,
-        hf_config=hf_config,
-        tokenizer=tokenizer,
-        dataset=dataset,
-        actor=MegatronActor(cfg, hf_config, optimizer_steps=cfg.train.total_steps * updates_per_step),
-        engine=engine,
-        logger=MetricsLogger(
-            cfg.output_dir,
-            enabled=dist.get_rank() == 0,
-            tensorboard=cfg.log.tensorboard,
-            wandb_project=cfg.log.wandb_project,
-            run_name=cfg.log.run_name,
-            config=to_dict(cfg),  # the resolved config: files merged, overrides applied
-        ),
-        routing_rng=torch.Generator().manual_seed(cfg.train.seed),
-        eval_prompts=load_eval_prompts(cfg, tokenizer) if cfg.eval.every >= 0 else [],
-    )
-
-
-def _resume_if_any(run: Run, path: Path | None) -> int:
-    """The step to continue after (0 for a fresh run)."""
-    if path is None:
-        return 0
-    step, extra = load_checkpoint(path, run.cfg, run.actor, run.dataset, run.routing_rng)
-    run.hours = extra["hours"]
-    run.best.load_state_dict(extra["best"])
-    if dist.get_rank() == 0:
-        print(f"resumed from {path} (step {step})")
-        if step >= run.cfg.train.total_steps:
-            print(
-                f"the run is already complete (train.total_steps={run.cfg.train.total_steps}); to start "
-                "over set another log.run_name, to go on raise train.total_steps"
-            )
-    return step
+def _my_share(num_rollouts: int, dp: int, dp_rank: int) -> list[int]:
+    """Rollout indices of this data-parallel rank: an equal contiguous slice of the step's rollouts
+    (whole prompt groups, since validate_layout makes mini_batch_prompts divisible by dp). Optimizer
+    update k trains on the k-th part of every rank's slice: mini_batch_prompts prompts in all."""
+    per_rank = num_rollouts // dp
+    return list(range(dp_rank * per_rank, (dp_rank + 1) * per_rank))
 
 
 def _evaluate(run: Run, step: int) -> dict[str, float]:
@@ -279,119 +190,3 @@ def _finish(run: Run, rewards: list[float]) -> None:
 
 def _every(step: int, every: int) -> bool:
     return every > 0 and step % every == 0
-
-
-def _my_share(num_rollouts: int, dp: int, dp_rank: int) -> list[int]:
-    """Rollout indices of this data-parallel rank: an equal contiguous slice of the step's rollouts
-    (whole prompt groups, since validate_layout makes mini_batch_prompts divisible by dp). Optimizer
-    step k trains on the k-th part of every rank's slice: mini_batch_prompts prompts in all."""
-    per_rank = num_rollouts // dp
-    return list(range(dp_rank * per_rank, (dp_rank + 1) * per_rank))
-
-
-def _train_mini_batch(actor, cfg: Config, ro, ids, routing, advantages, old, teacher, last_stage) -> dict:
-    micro_batches = build_micro_batches(
-        [ro.prompt_ids[i] for i in ids],
-        [ro.response_ids[i] for i in ids],
-        pad_id=ro.pad_id,
-        token_budget=cfg.train.micro_batch_tokens,
-    )
-    inputs, weight_sum, weight_count = None, None, None
-    if last_stage:
-        inputs = [ro.train_inputs(mb, ids, routing, advantages, old, teacher) for mb in micro_batches]
-        if cfg.algorithm.uses_dynamic_weighting:
-            weight_sum, weight_count = _global_weight_stats(inputs, micro_batches, cfg.algorithm.entropy_beta)
-    return actor.train(micro_batches, inputs, weight_sum=weight_sum, weight_count=weight_count)
-
-
-def _global_weight_stats(inputs: list[TrainInputs], micro_batches, beta: float):
-    """sum and count of exp(-beta H) over every SDPO token of the mini-batch, all data-parallel ranks."""
-    from megatron.core import parallel_state
-
-    total = torch.zeros(2, dtype=torch.float64)
-    for x, mb in zip(inputs, micro_batches, strict=True):
-        if x.teacher_entropy is None:
-            continue
-        mask = mb.response_mask & x.route_sdpo[:, None]
-        s, c = compute_weight_stats(x.teacher_entropy, mask, beta)
-        total += torch.stack([s.double(), c.double()])
-    dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
-    return total[0], total[1]
-
-
-# The tokens each per-micro-batch statistic is a mean over, by key prefix.
-_TOKENS_OF = {
-    "route/": lambda m: m["valid_tokens"],
-    "is/": lambda m: m["valid_tokens"],
-    "grpo/": lambda m: round(m["route/grpo_token_frac"] * m["valid_tokens"]),
-    "sdpo/": lambda m: round(m["route/sdpo_token_frac"] * m["valid_tokens"]),
-    "dw/": lambda m: round(m["route/sdpo_token_frac"] * m["valid_tokens"]),
-}
-
-
-def _reduce_train_metrics(per_update: list[dict]) -> dict[str, float]:
-    """One number per key over the step's optimizer updates, their micro-batches and every
-    data-parallel rank (collective over data parallel on the last pipeline stage).
-
-    Loss terms are numerators: summed, then divided by the step's global token count. Statistics
-    are token-weighted means over their branch's tokens (0 where a branch has none); weight min /
-    max are the extremes over the tokens that have a weight.
-    """
-    from megatron.core import parallel_state
-
-    out: dict[str, float] = {}
-    for key in ("grad_norm", "lr", "update_ok"):  # the same on every rank
-        values = [u[key] for u in per_update if math.isfinite(u[key])]
-        out[key] = sum(values) / len(values) if values else float("nan")
-    out["skipped_updates"] = sum(u["skipped_update"] for u in per_update)
-    micro = [m for update in per_update for m in update["micro_batches"]]
-    if not micro:  # not the last pipeline stage
-        return out
-    means = [k for k in micro[0] if k.startswith(tuple(_TOKENS_OF)) and not k.endswith(("_min", "_max"))]
-    extremes = [k for k in micro[0] if k.endswith(("_min", "_max"))]
-    sums = torch.zeros(3 + 2 * len(means), dtype=torch.float64)  # loss numerators, token count, ...
-    for m in micro:
-        sums[0] += m["loss/grpo"]
-        sums[1] += m["loss/sdpo"]
-        sums[2] += m["num_tokens"]
-        for j, key in enumerate(means):
-            tokens = next(weigh(m) for prefix, weigh in _TOKENS_OF.items() if key.startswith(prefix))
-            sums[3 + 2 * j] += m[key] * tokens
-            sums[4 + 2 * j] += tokens
-    # an extreme over no token is +-inf here and 0 in the log, as the loss's own metrics have it
-    lows = torch.full((len(extremes),), math.inf, dtype=torch.float64)
-    highs = torch.full((len(extremes),), -math.inf, dtype=torch.float64)
-    for m in micro:
-        if _TOKENS_OF["dw/"](m) == 0:
-            continue  # dw/weight_* are over SDPO tokens
-        for j, key in enumerate(extremes):
-            lows[j] = min(lows[j], m[key])
-            highs[j] = max(highs[j], m[key])
-    group = parallel_state.get_data_parallel_group()
-    dist.all_reduce(sums, group=group)
-    dist.all_reduce(lows, op=dist.ReduceOp.MIN, group=group)
-    dist.all_reduce(highs, op=dist.ReduceOp.MAX, group=group)
-
-    tokens = max(float(sums[2]), 1.0)
-    out["loss/grpo"] = float(sums[0]) / tokens
-    out["loss/sdpo"] = float(sums[1]) / tokens
-    out["loss"] = out["loss/grpo"] + out["loss/sdpo"]
-    for j, key in enumerate(means):
-        weight = float(sums[4 + 2 * j])
-        out[key] = float(sums[3 + 2 * j]) / weight if weight > 0 else 0.0
-    for j, key in enumerate(extremes):
-        value = float(lows[j] if key.endswith("_min") else highs[j])
-        out[key] = value if math.isfinite(value) else 0.0
-    return out
-
-
-def _from_last_stage(metrics: dict) -> dict:
-    """Loss metrics live on the last pipeline stage; the logging rank (global 0) takes them from there."""
-    from megatron.core import parallel_state
-
-    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
-        return metrics
-    src = parallel_state.get_pipeline_model_parallel_last_rank()
-    box = [metrics]
-    dist.broadcast_object_list(box, src=src, group=parallel_state.get_pipeline_model_parallel_group())
-    return box[0]

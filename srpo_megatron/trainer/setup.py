@@ -1,19 +1,37 @@
-"""What a run loads before its first step, each checked at start with a UserError that names the
-key or the file and row: the model's config.json against the layout, the tokenizer, the training
-prompts (every row's data_source has a reward function)."""
+"""A run's start, in order (``loop.train``): the distributed world (``start_distributed``), the
+run directory and the checkpoint to resume from (``open_run_dir``), what the run loads
+(``load_run_inputs``: each checked at start with a UserError that names the key or the file and
+row: the model's config.json against the layout, the tokenizer, the training prompts, every row's
+data_source with a reward function), the rollout engines (``start_engine``), the actor and the
+rest of the ``Run`` (``build_run``), then the checkpoint's state (``resume_if_any``)."""
 
+import math
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
-from srpo_megatron.config import Config
+from srpo_megatron.config import Config, to_dict, validate_layout
 from srpo_megatron.data.dataset import PromptDataset
 from srpo_megatron.data.rows import load_rows
 from srpo_megatron.data.templating import tokenize_and_filter
 from srpo_megatron.data.tokenizer import load_tokenizer
 from srpo_megatron.errors import UserError
 from srpo_megatron.models.qwen3.config import Qwen3Arch, load_hf_config
-from srpo_megatron.rewards.registry import get_reward_fn
+from srpo_megatron.rewards.registry import check_reward_fn
+from srpo_megatron.runtime.distributed import ParallelLayout, from_rank_0, init_distributed
+from srpo_megatron.trainer.actor import MegatronActor
+from srpo_megatron.trainer.checkpoint import (
+    checkpoint_root,
+    find_resume_checkpoint,
+    load_checkpoint,
+)
+from srpo_megatron.trainer.engines import make_engine
+from srpo_megatron.trainer.evaluation import BestWithinBudget, load_eval_prompts
+from srpo_megatron.trainer.metrics import MetricsLogger
+from srpo_megatron.trainer.run_dir import lock_run_dir, refuse_to_start_over, restore_metrics
 
 
 def load_model_config(cfg: Config) -> dict:
@@ -31,11 +49,6 @@ def load_model_config(cfg: Config) -> dict:
             f"{cfg.model.hf_dir}: {err}"
         ) from None
     return hf_config
-
-
-def has_reward_fn(row) -> None:
-    """A check for ``load_rows``: the registry's ValueError for a data_source without a verifier."""
-    get_reward_fn(row.data_source)
 
 
 def load_run_inputs(cfg: Config):
@@ -58,7 +71,7 @@ def load_run_inputs(cfg: Config):
             f"config: {key}={path}: the tokenizer has {len(tokenizer)} tokens, more than the model's "
             f"vocab_size {hf_config['vocab_size']}"
         )
-    rows = [row for file in cfg.data.train_files for row in load_rows(file, check=has_reward_fn)]
+    rows = [row for file in cfg.data.train_files for row in load_rows(file, check=check_reward_fn)]
     prompts, report = tokenize_and_filter(rows, tokenizer, cfg.data.max_prompt_length)
     if len(prompts) < cfg.train.prompts_per_step:
         raise UserError(
@@ -69,3 +82,118 @@ def load_run_inputs(cfg: Config):
         print(f"data: {len(rows)} rows from {len(cfg.data.train_files)} file(s); {report}")
     dataset = PromptDataset(prompts, batch_size=cfg.train.prompts_per_step, seed=cfg.data.seed)
     return hf_config, tokenizer, dataset
+
+
+@dataclass
+class Run:
+    """What lives for the whole run."""
+
+    cfg: Config
+    hf_config: dict
+    tokenizer: object
+    dataset: object
+    actor: MegatronActor
+    engine: object
+    logger: MetricsLogger
+    routing_rng: torch.Generator
+    eval_prompts: list
+    best: BestWithinBudget = field(default_factory=BestWithinBudget)
+    hours: float = 0.0  # training wall clock so far (for the eval budgets), kept across resumes
+
+
+def start_distributed(cfg: Config) -> None:
+    # The layout keys are checked against the launcher's world before Megatron sees them.
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    validate_layout(cfg, world, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+    # Ranks wait in a collective while rank 0 starts the engines or generates: the groups' timeout
+    # must outlast the engines' own deadlines, so that those are what reports a stuck engine.
+    r = cfg.rollout
+    timeout_minutes = max(30, math.ceil(max(r.call_timeout_s, r.startup_timeout_s) / 60) + 10)
+    init_distributed(
+        ParallelLayout(tp=cfg.model.tp, pp=cfg.model.pp), seed=cfg.train.seed, timeout_minutes=timeout_minutes
+    )
+
+
+def open_run_dir(cfg: Config):
+    """Rank 0 locks the run directory (run_dir.py) and picks the checkpoint to resume from
+    (verified, checkpoint.py), resetting metrics.jsonl to it, before anything is loaded: a second
+    trainer, or a bad ``ckpt.resume``, stops every rank at once. Returns (the open lock file on
+    rank 0, None elsewhere; the checkpoint or None, on every rank)."""
+    lock = None
+
+    def claim() -> Path | None:
+        nonlocal lock
+        lock = lock_run_dir(cfg.output_dir)
+        if cfg.ckpt.resume == "none":
+            refuse_to_start_over(cfg.output_dir, checkpoint_root(cfg))
+        path = find_resume_checkpoint(cfg)
+        restore_metrics(cfg.output_dir, path)
+        return path
+
+    try:
+        path = from_rank_0(claim, "opening the run directory")
+    except BaseException:
+        if lock is not None:
+            lock.close()
+        raise
+    return lock, path
+
+
+def start_engine(cfg: Config, tokenizer):
+    """Rank 0 starts the rollout engine(s) before any rank builds the actor: launched SGLang sizes
+    its KV cache on GPUs that are still empty, and colocated engines then give their memory back
+    until the first weight sync. A failure there stops every rank. None on the other ranks."""
+    engine = None
+
+    def start() -> None:
+        nonlocal engine
+        started = make_engine(cfg, tokenizer)
+        try:
+            started.release_memory()
+        except BaseException:
+            if hasattr(started, "shutdown"):
+                started.shutdown()
+            raise
+        engine = started
+
+    from_rank_0(start, "starting the rollout engine")
+    return engine
+
+
+def build_run(cfg: Config, hf_config: dict, tokenizer, dataset, engine) -> Run:
+    updates_per_step = cfg.train.prompts_per_step // cfg.train.mini_batch_prompts
+    return Run(
+        cfg=cfg,
+        hf_config=hf_config,
+        tokenizer=tokenizer,
+        dataset=dataset,
+        actor=MegatronActor(cfg, hf_config, optimizer_steps=cfg.train.total_steps * updates_per_step),
+        engine=engine,
+        logger=MetricsLogger(
+            cfg.output_dir,
+            enabled=dist.get_rank() == 0,
+            tensorboard=cfg.log.tensorboard,
+            wandb_project=cfg.log.wandb_project,
+            run_name=cfg.log.run_name,
+            config=to_dict(cfg),  # the resolved config: files merged, overrides applied
+        ),
+        routing_rng=torch.Generator().manual_seed(cfg.train.seed),
+        eval_prompts=load_eval_prompts(cfg, tokenizer) if cfg.eval.every >= 0 else [],
+    )
+
+
+def resume_if_any(run: Run, path: Path | None) -> int:
+    """The step to continue after (0 for a fresh run)."""
+    if path is None:
+        return 0
+    step, extra = load_checkpoint(path, run.cfg, run.actor, run.dataset, run.routing_rng)
+    run.hours = extra["hours"]
+    run.best.load_state_dict(extra["best"])
+    if dist.get_rank() == 0:
+        print(f"resumed from {path} (step {step})")
+        if step >= run.cfg.train.total_steps:
+            print(
+                f"the run is already complete (train.total_steps={run.cfg.train.total_steps}); to start "
+                "over set another log.run_name, to go on raise train.total_steps"
+            )
+    return step

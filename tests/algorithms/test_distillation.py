@@ -48,11 +48,34 @@ def test_k3_toy_without_tail_renormalises():
     assert reverse.item() == pytest.approx(5 / 7 * LN2, abs=1e-12)
 
 
+def test_tail_matches_the_direct_formula():
+    g = torch.Generator().manual_seed(0)
+    logp = torch.randn(50, 300, generator=g, dtype=torch.float64).log_softmax(-1)[:, :20]  # [T, K]
+    expected = torch.log(1 - logp.exp().sum(-1, keepdim=True))
+    torch.testing.assert_close(compute_tail_logp(logp.float()).double(), expected, rtol=0, atol=1e-5)
+
+
 def test_tail_is_stable_when_topk_holds_all_mass():
-    full = torch.tensor([0.5, 0.5]).log()  # sum = 1: log(1 - 1) would be -inf
+    # row 0: sum = 1 up to e^-40 (log(1 - 1) would be -inf); row 1: exactly 1
+    full = torch.tensor([[0.0, -40.0], [math.log(0.5), math.log(0.5)]], requires_grad=True)
     tail = compute_tail_logp(full)
-    assert torch.isfinite(tail).all()
-    assert tail.item() == pytest.approx(math.log(1e-7), rel=1e-3)  # log(-expm1(-1e-7)) ~ log(1e-7)
+    tail.sum().backward()
+    assert torch.isfinite(tail).all() and torch.isfinite(full.grad).all()
+    assert tail[0].item() == pytest.approx(math.log(1e-7), rel=1e-3)  # log(-expm1(-1e-7)) ~ log(1e-7)
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    st.lists(st.floats(min_value=-20.0, max_value=5.0), min_size=2, max_size=30),
+    st.integers(min_value=1, max_value=29),
+)
+def test_tail_and_topk_mass_sum_to_one(raw_logits, k):
+    logp = torch.tensor(raw_logits, dtype=torch.float64).log_softmax(-1)
+    topk_logp = logp.topk(min(k, len(raw_logits) - 1)).values
+    tail = compute_tail_logp(topk_logp)
+    if topk_logp.exp().sum() < 1 - 1e-6:  # otherwise the clamp is active by design
+        assert (topk_logp.exp().sum() + tail.exp().sum()).item() == pytest.approx(1.0, abs=1e-9)
+    assert math.isfinite(tail.item())
 
 
 def test_identical_distributions_give_zero():

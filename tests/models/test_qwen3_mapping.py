@@ -3,7 +3,7 @@ HF tensors into TP shards then merging the shards back is the identity, padding 
 
 import pytest
 import torch
-from tiny_qwen3 import TINY_QWEN3
+from tiny_qwen3 import TINY_QWEN3, mask_padded_vocab
 
 from srpo_megatron.models.qwen3.config import Qwen3Arch
 from srpo_megatron.models.qwen3.mapping import (
@@ -13,7 +13,7 @@ from srpo_megatron.models.qwen3.mapping import (
     merge_shards,
     read_shard,
 )
-from srpo_megatron.models.vocab import mask_padded_vocab, padded_vocab_size
+from srpo_megatron.models.vocab import padded_vocab_size
 
 HF_CONFIG = {
     **TINY_QWEN3,

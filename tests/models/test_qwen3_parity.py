@@ -51,8 +51,7 @@ def _megatron_logprobs(model, tokens, labels):
     """Log-probs of ``labels`` through Megatron's schedule; [B, S] on the last stage, else None."""
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
-
-    from srpo_megatron.models.vocab import mask_padded_vocab
+    from tiny_qwen3 import mask_padded_vocab
 
     tp_group = ps.get_tensor_model_parallel_group()
     tp, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()

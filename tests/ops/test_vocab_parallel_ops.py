@@ -14,12 +14,9 @@ from dataclasses import dataclass
 import pytest
 import torch
 import torch.distributed as dist
-from hypothesis import given, settings
-from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from srpo_megatron.ops import (
-    tail_logmass,
     vocab_parallel_token_stats,
     vocab_parallel_token_stats_from_logits,
 )
@@ -324,33 +321,3 @@ def test_invalid_arguments_raise():
         vocab_parallel_token_stats_from_logits(logits, chunk_size=0, **common)
     with pytest.raises(ValueError, match="weight"):
         vocab_parallel_token_stats(torch.randn(4, 8), torch.randn(128, 7), **common)
-
-
-def test_tail_logmass_matches_direct_formula():
-    g = torch.Generator().manual_seed(0)
-    logp = torch.randn(50, 300, generator=g, dtype=torch.float64).log_softmax(-1)[:, :20]  # [T, k]
-    expected = torch.log(1 - logp.exp().sum(-1))
-    torch.testing.assert_close(tail_logmass(logp.float()).double(), expected, rtol=0, atol=1e-5)
-
-
-def test_tail_logmass_is_finite_when_topk_covers_everything():
-    logp = torch.tensor([[0.0, -40.0], [math.log(0.5), math.log(0.5)]], requires_grad=True)
-    tail = tail_logmass(logp)
-    tail.sum().backward()
-    assert torch.isfinite(tail).all() and torch.isfinite(logp.grad).all()
-    assert tail[0].item() == pytest.approx(math.log(1e-7), rel=1e-3)
-
-
-@settings(max_examples=50, deadline=None)
-@given(
-    st.lists(st.floats(min_value=-20.0, max_value=5.0), min_size=2, max_size=30),
-    st.integers(min_value=1, max_value=29),
-)
-def test_tail_and_topk_mass_sum_to_one(raw_logits, k):
-    logp = torch.tensor(raw_logits, dtype=torch.float64).log_softmax(-1)
-    topk_logp = logp.topk(min(k, len(raw_logits) - 1)).values
-    tail = tail_logmass(topk_logp)
-    mass = topk_logp.exp().sum() + tail.exp()
-    if topk_logp.exp().sum() < 1 - 1e-6:  # otherwise the clamp is active by design
-        assert mass.item() == pytest.approx(1.0, abs=1e-9)
-    assert math.isfinite(tail.item())

@@ -256,8 +256,7 @@ def make_hf_checkpoint(hf_dir):
 def megatron_logp(model, tokens, vocab_size, temperature):
     """log softmax(logits / temperature) at the next token, TP=1 or 2, PP=1: [B, S-1]."""
     from megatron.core import parallel_state as ps
-
-    from srpo_megatron.models.vocab import mask_padded_vocab
+    from tiny_qwen3 import mask_padded_vocab
 
     batch, seq = tokens.shape
     with torch.no_grad():

@@ -11,7 +11,7 @@ import torch.distributed as dist
 from tiny_training import parity_reward
 
 from srpo_megatron.config import load_config
-from srpo_megatron.trainer import loop, rollouts
+from srpo_megatron.trainer import loop, rollouts, setup
 from srpo_megatron.trainer.teacher import iter_main_shards
 
 
@@ -36,9 +36,9 @@ def _gather_full(actor, pick) -> dict[str, torch.Tensor]:
 def train_steps_in_ranks(overrides: list[str], steps: int):
     rollouts.get_reward_fn = parity_reward
     cfg = load_config(["configs/tiny_cpu.yaml"], overrides)
-    loop._start_distributed(cfg)
-    hf_config, tokenizer, dataset = loop.load_run_inputs(cfg)
-    run = loop._setup(cfg, hf_config, tokenizer, dataset, loop._start_engine(cfg, tokenizer))
+    setup.start_distributed(cfg)
+    hf_config, tokenizer, dataset = setup.load_run_inputs(cfg)
+    run = setup.build_run(cfg, hf_config, tokenizer, dataset, setup.start_engine(cfg, tokenizer))
     actor = run.actor
     initial = {n: p.detach().clone() for n, p in actor.student.named_parameters()}
     loop.sync_weights(actor, run.engine, cfg, run.hf_config)
@@ -66,24 +66,3 @@ def train_until_a_crash_after_save(overrides: list[str], crash_step: int):
 
     loop.save_checkpoint = save_then_crash
     return train_in_ranks(overrides)
-
-
-def rollout_metrics_in_ranks(variants: list[str], rewards: list[float]) -> dict[str, dict]:
-    """``StepRollouts.metrics`` of two prompts x two samples with these rewards, per variant."""
-    from srpo_megatron.algorithms import AlgorithmConfig, route_rollouts
-    from srpo_megatron.rollout.engine import RolloutBatch
-    from srpo_megatron.trainer.rollouts import StepRollouts
-
-    batch = RolloutBatch(
-        prompt_index=[0, 0, 1, 1],
-        prompt_ids=[[1, 2]] * 4,
-        response_ids=[[3, 4], [5], [6, 7, 8], [9]],
-        rollout_logp=[torch.zeros(2), torch.zeros(1), torch.zeros(3), torch.zeros(1)],
-        finish_reasons=["stop", "length", "stop", "stop"],
-    )
-    ro = StepRollouts(batch, pad_id=0, token_budget=64, rewards=torch.tensor(rewards))
-    out = {}
-    for variant in variants:
-        routing = route_rollouts(ro.rewards, ro.group_ids, AlgorithmConfig(variant=variant))
-        out[variant] = ro.metrics(routing, variant, old=None, teacher=None)
-    return out

@@ -85,13 +85,24 @@ def test_dp2_logged_loss_equals_the_whole_batch_loss(sharded_and_whole):
 
 
 def test_route_fractions_per_variant():
-    from actor_steps import rollout_metrics_in_ranks
+    from srpo_megatron.algorithms import AlgorithmConfig, route_rollouts
+    from srpo_megatron.rollout.engine import RolloutBatch
+    from srpo_megatron.trainer.rollouts import rollout_metrics
 
-    expected = {"srpo": (0.25, 0.75), "sdpo": (0.75, 0.0), "grpo": (0.0, 1.0)}  # sdpo: the rest get no loss
-    # prompt 0: both right (each the other's teacher); prompt 1: one right, one wrong (its teacher)
-    (metrics,) = run_distributed(
-        rollout_metrics_in_ranks, world_size=1, args=(list(expected), [1.0, 1.0, 1.0, 0.0])
+    batch = RolloutBatch(
+        prompt_index=[0, 0, 1, 1],
+        prompt_ids=[[1, 2]] * 4,
+        response_ids=[[3, 4], [5], [6, 7, 8], [9]],
+        rollout_logp=[torch.zeros(2), torch.zeros(1), torch.zeros(3), torch.zeros(1)],
+        finish_reasons=["stop", "length", "stop", "stop"],
     )
-    for variant, fractions in expected.items():
-        assert (metrics[variant]["sdpo_fraction"], metrics[variant]["grpo_fraction"]) == fractions, variant
-        assert metrics[variant]["stop_fraction"] == 0.75 and metrics[variant]["teacher_rollouts"] == 0
+    # prompt 0: both right (each the other's teacher); prompt 1: one right, one wrong (its teacher)
+    rewards, group_ids = torch.tensor([1.0, 1.0, 1.0, 0.0]), torch.tensor([0, 0, 1, 1])
+    # (sdpo, grpo fractions, rollouts with a teacher pass); sdpo: the rest get no loss
+    expected = {"srpo": (0.25, 0.75, 1), "sdpo": (0.75, 0.0, 3), "grpo": (0.0, 1.0, 0)}
+    for variant, (sdpo, grpo, teacher) in expected.items():
+        routing = route_rollouts(rewards, group_ids, AlgorithmConfig(variant=variant))
+        metrics = rollout_metrics(batch, rewards, routing, variant)
+        assert (metrics["sdpo_fraction"], metrics["grpo_fraction"]) == (sdpo, grpo), variant
+        assert metrics["teacher_rollouts"] == teacher, variant
+        assert metrics["stop_fraction"] == 0.75 and metrics["response_length_mean"] == 1.75

@@ -1,4 +1,4 @@
-"""reward.tool_use_parser reaches the tool-use verifier in training (StepRollouts.score) and in
+"""reward.tool_use_parser reaches the tool-use verifier in training (rollouts.compute_rewards) and in
 evaluation. The response's input holds a nested object: the balanced parser reads it whole (1.0),
 SDPO's reference parser stops at the first `}` (0.0)."""
 
@@ -13,7 +13,7 @@ from srpo_megatron.data.templating import TokenizedPrompt
 from srpo_megatron.data.tokenizer import load_tokenizer
 from srpo_megatron.rollout.engine import RolloutBatch
 from srpo_megatron.runtime.launch import run_distributed
-from srpo_megatron.trainer.rollouts import StepRollouts
+from srpo_megatron.trainer.rollouts import compute_rewards
 
 GOLD = json.dumps([{"Action": "createEvent", "Action_Input": json.dumps({"e": {"d": 1}})}])
 RESPONSE = 'Action: createEvent\nAction Input: {"e": {"d": 1}}'
@@ -33,9 +33,8 @@ def tool_prompt() -> TokenizedPrompt:
 def test_training_rewards_use_the_configured_parser(tokenizer, parser):
     response = tokenizer.encode(RESPONSE, add_special_tokens=False)
     batch = RolloutBatch([0], [[1, 2, 3]], [response], [torch.zeros(len(response))], ["stop"])
-    ro = StepRollouts(batch, pad_id=0, token_budget=64)
-    ro.score([tool_prompt()], tokenizer, parser)
-    assert ro.rewards.tolist() == [EXPECTED[parser]]
+    rewards = compute_rewards(batch, [tool_prompt()], tokenizer, parser)
+    assert rewards.tolist() == [EXPECTED[parser]]
 
 
 def test_evaluation_uses_the_configured_parser(tokenizer):

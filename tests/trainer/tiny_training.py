@@ -14,7 +14,7 @@ from srpo_megatron.config import load_config
 from srpo_megatron.data.rows import save_rows
 from srpo_megatron.data.synthetic import make_synthetic_rows
 from srpo_megatron.data.tokenizer import load_tokenizer
-from srpo_megatron.data.warmup import TinyQwen3Config, build_tiny_qwen3
+from srpo_megatron.models.qwen3.tiny import TinyQwen3Config, build_tiny_qwen3
 from srpo_megatron.rewards.result import RewardResult
 
 
@@ -51,7 +51,7 @@ def train_in_ranks(overrides: list[str], check_export: bool = False, poison_loss
     # the actor's log-probs of a few sequences (collective), for the HF export check below
     prompts, responses = [[1, 2, 3, 4], [5, 6]], [[7, 8, 9], [10, 11, 12, 13]]
     micro_batches = build_micro_batches(prompts, responses, pad_id=0, token_budget=64)
-    stats = result.actor.score(micro_batches, teacher=False)  # None off the last pipeline stage
+    stats = result.actor.forward(micro_batches, teacher=False)  # None off the last pipeline stage
     actor_logp = torch.cat([s.logp for s in stats]) if stats is not None else None
     if torch.distributed.get_rank() != 0:
         return None

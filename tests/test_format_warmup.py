@@ -1,14 +1,17 @@
+"""The format warm-up and tools/make_tiny_model.py, which makes the tiny starting checkpoint with it."""
+
+import pytest
 import torch
 
-from srpo_megatron.data.warmup import (
-    TinyQwen3Config,
-    WarmupConfig,
-    answer_ids,
-    build_tiny_qwen3,
-    evaluate_format,
-    format_warmup,
-)
+from srpo_megatron.data.tokenizer import load_tokenizer
+from srpo_megatron.format_warmup import WarmupConfig, answer_ids, evaluate_format, format_warmup
+from srpo_megatron.models.qwen3.tiny import TinyQwen3Config, build_tiny_qwen3
 from tools.make_tiny_model import main as make_tiny_model
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer()
 
 
 def test_answer_target_tokens(tokenizer):

@@ -1,0 +1,39 @@
+"""A tiny random Qwen3 in HF form: the starting point of the CPU run (``format_warmup.py`` then
+teaches it the answer format) and the model of the tests."""
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class TinyQwen3Config:
+    """Shape of the tiny model (Qwen3 layout; vocab padded like Qwen3's 151,936 >= 151,669 tokens)."""
+
+    vocab_size: int = 151_936
+    hidden_size: int = 128
+    intermediate_size: int = 256
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    head_dim: int = 32
+    max_position_embeddings: int = 4096
+    rope_theta: float = 1_000_000.0
+
+
+def build_tiny_qwen3(tokenizer, seed: int, config: TinyQwen3Config | None = None):
+    """A randomly initialised fp32 HF Qwen3ForCausalLM with tied embeddings (same seed -> same weights)."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    config = config or TinyQwen3Config()
+    if config.vocab_size < len(tokenizer):
+        raise ValueError(f"vocab_size {config.vocab_size} < {len(tokenizer)} tokenizer tokens")
+    hf_config = Qwen3Config(
+        **vars(config),
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+        pad_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+    )
+    torch.manual_seed(seed)
+    return Qwen3ForCausalLM(hf_config).float()
