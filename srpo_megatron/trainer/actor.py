@@ -175,7 +175,7 @@ class MegatronActor:
         )
 
     def _token_stats(self, *, hidden_states, output_layer, output_weight, mb: MicroBatch, extra: dict, **_):
-        """GPTModel's output hook: hidden [S, B, H] -> per-token stats at the scored positions only."""
+        """GPTModel's output hook: hidden [S, B, H] -> per-token stats at the predicted positions only."""
         from megatron.core import parallel_state
 
         weight = output_weight if output_weight is not None else output_layer.weight  # [V/tp, H]

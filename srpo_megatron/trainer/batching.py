@@ -1,7 +1,7 @@
 """Rollouts -> padded Megatron micro-batches, and per-token results back to [B, T_resp] tensors.
 
 A sequence is ``prefix + response``: the prefix is the student's prompt (actor passes) or the
-teacher prompt (EMA-teacher pass); either way the scored tokens are the student's response ids. The
+teacher prompt (EMA-teacher pass); either way the predicted tokens are the student's response ids. The
 output at position p predicts token p + 1, so response token t of row b is predicted at sequence
 position ``len(prefix_b) - 1 + t``. Only those positions go through the output layer (the ops take
 ``hidden[rows, cols]``), so long prompts cost nothing in the 151,936-wide vocabulary projection.
@@ -20,7 +20,7 @@ import torch
 class MicroBatch:
     tokens: torch.Tensor  # [B, L] int64, right-padded
     position_ids: torch.Tensor  # [B, L]
-    rows: torch.Tensor  # [N] row of each scored position
+    rows: torch.Tensor  # [N] row of each predicted position
     cols: torch.Tensor  # [N] sequence position whose output predicts the response token
     targets: torch.Tensor  # [N] the response token ids
     response_mask: torch.Tensor  # [B, T] bool: response token t of row b exists
@@ -31,13 +31,13 @@ class MicroBatch:
         return int(self.targets.numel())
 
     def to_response_layout(self, flat: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
-        """[N, ...] per scored token -> [B, T, ...] aligned with the responses (``fill`` elsewhere)."""
+        """[N, ...] per predicted token -> [B, T, ...] aligned with the responses (``fill`` elsewhere)."""
         out = flat.new_full((*self.response_mask.shape, *flat.shape[1:]), fill)
         out[self.response_mask] = flat
         return out
 
     def from_response_layout(self, per_row: torch.Tensor) -> torch.Tensor:
-        """[B, T, ...] -> [N, ...] at the scored tokens (e.g. the student's top-k ids for the teacher)."""
+        """[B, T, ...] -> [N, ...] at the predicted tokens (e.g. the student's top-k ids for the teacher)."""
         return per_row[self.response_mask]
 
 

@@ -221,7 +221,7 @@ def rollout_metrics(batch: RolloutBatch, rewards: torch.Tensor, routing, variant
 
 def reduce_teacher_entropy(teacher: dict[int, TeacherStats] | None, group) -> dict[str, float]:
     """The teacher's mean entropy over every SDPO token of the step: every rank of ``group`` (data
-    parallel) scored its share; only the last pipeline stage has entropies (0 elsewhere)."""
+    parallel) ran the teacher on its share; only the last pipeline stage has entropies (0 elsewhere)."""
     entropy = torch.cat([t.entropy for t in teacher.values()]) if teacher else torch.zeros(0)
     sums = torch.tensor([entropy.double().sum(), entropy.numel()], dtype=torch.float64)
     dist.all_reduce(sums, group=group)
