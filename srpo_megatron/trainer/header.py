@@ -11,7 +11,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from srpo_megatron.config import Config
-from srpo_megatron.models.qwen3.config import Qwen3Arch, load_hf_config
+from srpo_megatron.models.qwen3.config import Qwen3Arch
 from srpo_megatron.models.qwen3.mapping import count_megatron_params
 from srpo_megatron.models.vocab import padded_vocab_size
 from srpo_megatron.rewards.registry import get_reward_fn
@@ -36,18 +36,20 @@ def engine_plan(cfg: Config, local_world_size: int) -> str:
     return f"{engines}, launched {r.mode} on {where}{memory}, {weights}"
 
 
-def print_start_header(cfg: Config, dataset, resume: Path | None) -> None:
+def print_start_header(cfg: Config, hf_config: dict, dataset, resume: Path | None) -> None:
     """Collective-free; prints on global rank 0 only. ``resume``: the checkpoint the run continues from."""
     if dist.get_rank() == 0:
         world = dist.get_world_size()
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-        print(start_header(cfg, dataset, resume, world, local_world), flush=True)
+        print(start_header(cfg, hf_config, dataset, resume, world, local_world), flush=True)
 
 
-def start_header(cfg: Config, dataset, resume: Path | None, world_size: int, local_world_size: int) -> str:
+def start_header(
+    cfg: Config, hf_config: dict, dataset, resume: Path | None, world_size: int, local_world_size: int
+) -> str:
     """The header after the config line (train.py) and the data line (trainer/setup.py)."""
     m = cfg.model
-    arch = Qwen3Arch.from_hf(load_hf_config(m.hf_dir))
+    arch = Qwen3Arch.from_hf(hf_config)
     padded = padded_vocab_size(arch.vocab_size, m.tp, m.make_vocab_size_divisible_by)
     sources = Counter(p.row.data_source for p in dataset.prompts)
     rewards = "; ".join(

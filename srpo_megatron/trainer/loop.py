@@ -63,7 +63,7 @@ def train(cfg: Config) -> RunResult:
     try:
         lock, resume = open_run_dir(cfg)
         hf_config, tokenizer, dataset = load_run_inputs(cfg)
-        print_start_header(cfg, dataset, resume)
+        print_start_header(cfg, hf_config, dataset, resume)
         engine = start_engine(cfg, tokenizer)
         return _train(build_run(cfg, hf_config, tokenizer, dataset, engine), resume)
     finally:
