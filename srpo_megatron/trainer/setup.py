@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from srpo_megatron.config import Config
+from srpo_megatron.config import Config, check_recompute_layers
 from srpo_megatron.data.dataset import PromptDataset
 from srpo_megatron.data.rows import load_rows
 from srpo_megatron.data.templating import tokenize_and_filter
@@ -30,6 +30,7 @@ def load_model_config(cfg: Config) -> dict:
             f"config: model.tp={cfg.model.tp} / model.pp={cfg.model.pp} do not fit model.hf_dir="
             f"{cfg.model.hf_dir}: {err}"
         ) from None
+    check_recompute_layers(cfg.model, arch.num_layers)
     return hf_config
 
 
