@@ -36,7 +36,9 @@ No dropout masks (Qwen3 trains without dropout). Recompute (Megatron's own):
     selective mlp         keeps the MLP's input instead of its tensors (TE: also fc1's norm);
     full uniform k        keeps each chunk's input h*r*p and recomputes one chunk of k layers;
     full block k          keeps the input of the first k layers of the stage, the rest as usual.
-The backward of a recomputed part holds it once more, for one layer (chunk) at a time.
+The backward of a recomputed part holds it once more, for one layer (chunk) at a time, with the
+layer's gradients in flight (the MLP's 4f*p, or the local spec's two [s, s] fp32 gradients of the
+softmax backward): the peak is at that moment or at the fused op's backward, whichever is larger.
 
 Outside the layers: the final norm; the scored hidden states [N, h] that the fused op saves, and
 their gradient; the op's chunk buffers [C, V/tp] (fp32 statistics + the compute-dtype logits or
@@ -174,11 +176,25 @@ def layer_bytes(s: ActivationShape, recompute: Recompute = Recompute()) -> tuple
     return kept, again
 
 
+def _backward_working_bytes(s: ActivationShape) -> float:
+    """Gradients in flight inside one layer's backward, beyond what the layer saved: the MLP's
+    (fc2 input, the SwiGLU halves, fc1 output: 4f*p) or, on the local spec, the softmax backward's
+    two [s, s] gradients (of the probabilities and of the scores, fp32), whichever is larger."""
+    p, t = s.dtype_bytes, s.tp
+    mlp = 4 * s.ffn / t * p
+    if s.spec == "local":
+        attention = 2 * s.heads / t * s.seq_len * (4 + (p if p < 4 else 0))
+    else:  # flash attention's backward: dQ, dK, dV and dO
+        attention = 2 * (s.heads + 2 * s.kv_heads) * s.head_dim / t * p
+    return max(mlp, attention) * s.tokens
+
+
 def activation_terms(s: ActivationShape, recompute: Recompute = Recompute()) -> dict[str, float]:
-    """Bytes of the training pass at its peak, by term. The backward starts with the fused op (its
-    chunk buffers, its fp32 weight gradient, the hidden states' gradient) while every layer still
-    holds what it keeps; the recompute of a layer (chunk) comes later, once the op has freed its
-    buffers: the peak holds the larger of the two."""
+    """Bytes of the training pass at its peak, by term. Two moments compete (the larger is the peak):
+    the start of the backward, when the fused op holds its chunk buffers, its fp32 weight gradient
+    and the hidden states' gradient while every layer holds what it keeps; and the backward of the
+    first layer (chunk) to recompute, which holds its recomputed activations and its gradients in
+    flight next to what the other layers still keep (for block recompute: only the first layers')."""
     p, n = s.dtype_bytes, s.tokens
     r = 1 / s.tp if s.sequence_parallel else 1.0
     full_layer, _ = layer_bytes(s)
@@ -186,12 +202,14 @@ def activation_terms(s: ActivationShape, recompute: Recompute = Recompute()) -> 
     if recompute.granularity == "full":
         k = recompute.num_layers
         if recompute.method == "uniform":
-            layers, again = -(-s.layers // k) * layer_input, min(k, s.layers) * full_layer
+            layers = -(-s.layers // k) * layer_input
+            at_recompute, again = layers, min(k, s.layers) * full_layer
         else:  # the last layers' backward frees their activations before the first k recompute
-            layers, again = k * layer_input + (s.layers - k) * full_layer, full_layer
+            layers = k * layer_input + (s.layers - k) * full_layer
+            at_recompute, again = k * layer_input, full_layer
     else:
         kept, again = layer_bytes(s, recompute)
-        layers = s.layers * kept
+        layers = at_recompute = s.layers * kept
     vocab_shard = s.padded_vocab / s.tp
     extra_copy = p if p < 4 else 0  # a compute-dtype copy next to the fp32 buffer
     terms = {
@@ -203,8 +221,10 @@ def activation_terms(s: ActivationShape, recompute: Recompute = Recompute()) -> 
         "vocab_weight_grad": vocab_shard * s.hidden * (4 + extra_copy),
         "vocab_hidden_grad": s.scored_tokens * s.hidden * p,
     }
-    vocab_phase = terms["vocab_chunks"] + terms["vocab_weight_grad"] + terms["vocab_hidden_grad"]
-    terms["recompute_beyond_vocab_op"] = max(0.0, again - vocab_phase)
+    at_vocab_op = sum(terms.values())
+    # + the gradient of the residual stream [T, h] reaching the layer
+    at_layer_backward = at_recompute + again + layer_input + _backward_working_bytes(s)
+    terms["layer_backward_beyond_vocab_op"] = max(0.0, at_layer_backward - at_vocab_op)
     if s.sequence_parallel and s.spec == "local":
         terms["sp_gather_buffer"] = n * s.hidden * p  # Megatron's global memory buffer, persistent
     return terms
