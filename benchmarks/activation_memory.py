@@ -2,8 +2,8 @@
 ``srpo_megatron/trainer/memory_plan.py`` for the same shape, per recompute mode, sequence parallel
 off and on.
 
-    .venv/bin/python benchmarks/activation_memory.py                 # about 3 minutes on 2 cores
-    .venv/bin/python benchmarks/activation_memory.py --rows 1 --seq-len 4096 --layers 2
+    .venv/bin/python benchmarks/activation_memory.py       # 10 modes; 10 min on 2 cores shared with other work
+    .venv/bin/python benchmarks/activation_memory.py --layers 2 --rows 2 --seq-len 512 --modes none full_uniform_1
 
 Model: Megatron's GPTModel with the local spec (the spec that runs on CPU; the TE spec the GPU plan
 assumes cannot run here), Qwen3's layer (RMSNorm, q/k norms, GQA, RoPE, SwiGLU), scaled down:
