@@ -44,6 +44,28 @@ class ModelConfig:
     """Park the EMA teacher's weights in pinned host memory between uses (its forward and its EMA
     update): the device holds one copy of the model fewer while the actor trains and the engines
     generate. Checkpoint saves and loads bring it to the device for their duration."""
+    sequence_parallel: bool = False
+    """Megatron's sequence parallelism (needs tp > 1): the norms, residuals and the hidden states
+    between the tensor-parallel regions are split over the sequence instead of replicated on every
+    TP rank (the same communication volume: all-gather + reduce-scatter instead of all-reduce).
+    Micro-batches are padded to a multiple of tp tokens."""
+    recompute_granularity: Literal["none", "selective", "full"] = "none"
+    """Megatron's activation recomputation in the training pass: ``selective`` recomputes the
+    ``recompute_modules`` of every layer in backward; ``full`` keeps only the input of each chunk
+    of layers (``recompute_method``, ``recompute_num_layers``) and recomputes the chunk in backward.
+    ``srpo-train --dry-run`` prints the memory of each choice."""
+    recompute_method: Literal["uniform", "block"] | None = None
+    """Full recompute only: ``uniform`` checkpoints every layer in chunks of
+    ``recompute_num_layers``; ``block`` checkpoints the first ``recompute_num_layers`` layers of each
+    pipeline stage, one by one, and keeps the others' activations."""
+    recompute_num_layers: int | None = None
+    """Full recompute only: layers per chunk (uniform) or checkpointed layers per stage (block)."""
+    recompute_modules: list[str] = field(default_factory=lambda: ["core_attn"])
+    """Selective recompute only: of ``core_attn`` (the attention kernel: its [s, s] scores on the
+    local spec; next to nothing with TE's fused attention, which keeps no scores) and ``mlp`` (the
+    whole MLP). Megatron's ``layernorm`` is not offered: TE fuses the norms into the linear layers
+    (nothing to recompute), and megatron-core 0.19.2 cannot run it without TE (its
+    ``CheckpointWithoutOutput`` always takes the FP8 path)."""
 
 
 @dataclass
@@ -234,6 +256,7 @@ def validate_config(cfg: Config) -> None:
     _check(cfg.model.tp >= 1 and cfg.model.pp >= 1, "model.tp/pp", "must be >= 1")
     _check(bool(cfg.data.train_files), "data.train_files", "needs at least one file")
     _check(cfg.data.max_prompt_length > 0, "data.max_prompt_length", "must be > 0")
+    _validate_memory_settings(cfg.model)
     r = cfg.rollout
     _check(r.n >= 1, "rollout.n", f"must be >= 1, got {r.n}")
     _check(r.temperature > 0, "rollout.temperature", f"must be > 0, got {r.temperature}")
@@ -295,6 +318,61 @@ def validate_config(cfg: Config) -> None:
         raise UserError(f"config: algorithm: {err}") from None
     if cfg.algorithm.variant != "grpo" and r.n < 2:
         raise UserError(f"config: rollout.n: {cfg.algorithm.variant} needs siblings, so n >= 2 (got {r.n})")
+
+
+RECOMPUTE_MODULES = ("core_attn", "mlp")  # Megatron's for a dense model, but "layernorm" (see above)
+
+
+def _validate_memory_settings(m: ModelConfig) -> None:
+    """Sequence parallelism and recompute combinations that Megatron's TransformerConfig would refuse
+    (or, for the first, accept and then fail on), named by our keys. The number of layers is checked
+    against the model by ``check_recompute_layers``."""
+    _check(
+        not m.sequence_parallel or m.tp > 1,
+        "model.sequence_parallel",
+        "needs model.tp > 1: it splits the sequence over the tensor-parallel ranks (got tp=1)",
+    )
+    full = m.recompute_granularity == "full"
+    if full:
+        _check(
+            m.recompute_method is not None,
+            "model.recompute_method",
+            "full recompute needs 'uniform' (every layer, in chunks of recompute_num_layers) or "
+            "'block' (the first recompute_num_layers layers of each pipeline stage)",
+        )
+        _check(
+            m.recompute_num_layers is not None and m.recompute_num_layers >= 1,
+            "model.recompute_num_layers",
+            f"full recompute needs a number of layers >= 1, got {m.recompute_num_layers}",
+        )
+    else:
+        for key, value in (
+            ("recompute_method", m.recompute_method),
+            ("recompute_num_layers", m.recompute_num_layers),
+        ):
+            _check(
+                value is None,
+                f"model.{key}",
+                f"applies to model.recompute_granularity=full only (it is {m.recompute_granularity})",
+            )
+    if m.recompute_granularity == "selective":
+        unknown = sorted(set(m.recompute_modules) - set(RECOMPUTE_MODULES))
+        _check(
+            bool(m.recompute_modules) and not unknown,
+            "model.recompute_modules",
+            f"selective recompute needs one or more of {list(RECOMPUTE_MODULES)}, got {m.recompute_modules}",
+        )
+
+
+def check_recompute_layers(m: ModelConfig, num_layers: int) -> None:
+    """Full recompute's number of layers against the layers of one pipeline stage."""
+    per_stage = num_layers // m.pp
+    _check(
+        m.recompute_granularity != "full" or m.recompute_num_layers <= per_stage,
+        "model.recompute_num_layers",
+        f"must be at most the layers per pipeline stage, {per_stage} ({num_layers} layers / pp {m.pp}), "
+        f"got {m.recompute_num_layers}",
+    )
 
 
 def validate_layout(cfg: Config, world_size: int, local_world_size: int | None = None) -> int:

@@ -47,9 +47,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
 def dry_run(cfg: Config, world_size: int, gpu_memory_gib: float = 80.0) -> None:
     import torch
 
+    from srpo_megatron.models.qwen3.config import Qwen3Arch
     from srpo_megatron.models.qwen3.provider import build_qwen3_model
     from srpo_megatron.runtime.distributed import ParallelLayout, destroy_distributed, init_distributed
     from srpo_megatron.trainer.header import engine_plan
+    from srpo_megatron.trainer.memory_plan import memory_plan_lines
     from srpo_megatron.trainer.setup import load_model_config
 
     local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
@@ -87,40 +89,9 @@ def dry_run(cfg: Config, world_size: int, gpu_memory_gib: float = 80.0) -> None:
         f"{cfg.train.mini_batch_prompts} prompts, {cfg.train.total_steps} steps\n"
         f"algorithm: {cfg.algorithm.variant}; rollouts: {engine_plan(cfg, local_world_size)}\n"
         f"output: {cfg.output_dir}\n"
-        f"{_memory_plan(cfg, per_rank, dp, gpu_memory_gib)}\n"
-        "dry run OK"
+        + "\n".join(memory_plan_lines(cfg, Qwen3Arch.from_hf(hf_config), per_rank, dp, gpu_memory_gib))
+        + "\ndry run OK"
     )
-
-
-def _memory_plan(cfg: Config, params_per_rank: float, dp: int, gpu_memory_gib: float) -> str:
-    """What stays on each GPU for the whole run (an estimate: activations come on top): the actor's
-    params, its fp32 grad buffer, Adam's states (fp32 master params with bf16) sharded over data
-    parallel by Megatron's distributed optimizer, and the EMA teacher (compute weights + its fp32 EMA
-    values, sharded over data parallel like the optimizer: trainer/teacher.py) unless offloaded.
-    Colocated engines add rollout.mem_fraction of the GPU while they generate."""
-    bf16 = cfg.model.dtype == "bfloat16"
-    param_bytes = 2 if bf16 else 4
-    optimizer_bytes = (12 if bf16 else 8) / dp
-    teacher_bytes = 0 if cfg.model.teacher_offload else param_bytes + 4 / dp
-    gib = params_per_rank / 2**30
-    actor = gib * (param_bytes + 4 + optimizer_bytes)
-    teacher = gib * teacher_bytes
-    line = (
-        f"memory per GPU (estimate): actor {actor:.1f} GiB (params, fp32 grads, Adam over dp {dp}), "
-        f"EMA teacher {teacher:.1f} GiB (weights, fp32 EMA values over dp {dp})"
-        + (" (offloaded)" if cfg.model.teacher_offload else "")
-    )
-    r = cfg.rollout
-    if r.engine == "sglang" and r.mode == "colocated":
-        engines = r.mem_fraction * gpu_memory_gib
-        left = gpu_memory_gib - engines - actor - teacher
-        line += (
-            f"; while generating, the engines' rollout.mem_fraction={r.mem_fraction:g} takes {engines:.1f} "
-            f"of {gpu_memory_gib:g} GiB, leaving {left:.1f} GiB for their activations and CUDA graphs"
-        )
-        if left < 0.1 * gpu_memory_gib:
-            line += " (tight: lower rollout.mem_fraction or set model.teacher_offload=true)"
-    return line
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,6 +11,10 @@ DESIGN.md "Megatron-core on CPU"):
 - ``torch.cuda.{synchronize, set_device, manual_seed[_all], get_rng_state, set_rng_state}`` and
   Megatron's RNG-tracker helpers act on the CPU generator;
 - a global ``TorchFunctionMode`` rewrites ``device="cuda[:N]"`` arguments to ``"cpu"``;
+- Megatron's causal-mask helper, which allocates on ``device="cuda"``, builds the mask on the CPU:
+  the mode above does not reach the backward pass (torch takes a mode off its stack while the
+  mode handles a call, here ``torch.autograd.backward``), where activation recompute
+  (``tensor_parallel.checkpoint``) runs the attention's forward again;
 - ``torch.cuda.{current_stream, default_stream, Stream, Event, stream}`` become stand-ins whose
   waits and records do nothing (CPU kernels run synchronously);
 - ``Tensor.type()`` (no argument) reports CUDA type names, which is what Megatron asserts on.
@@ -126,6 +130,21 @@ def _patch_megatron_rng() -> None:
     mcore_random._set_cuda_rng_state = _set_cpu_rng_state
 
 
+def _cpu_causal_mask(sq: int) -> torch.Tensor:
+    """``megatron.core.transformer.utils.get_default_causal_mask`` on the CPU: True above the diagonal."""
+    return torch.triu(torch.ones(sq, sq, device="cpu"), diagonal=1).bool()
+
+
+def _patch_megatron_causal_mask() -> None:
+    try:
+        from megatron.core.fusions import fused_softmax
+        from megatron.core.transformer import utils as mcore_utils
+    except ImportError:
+        return
+    mcore_utils.get_default_causal_mask = _cpu_causal_mask
+    fused_softmax.get_default_causal_mask = _cpu_causal_mask  # imported there by name
+
+
 def apply_cpu_runtime() -> bool:
     """Make megatron-core run on CPU. Returns True if the shim is (now) active.
 
@@ -160,6 +179,7 @@ def apply_cpu_runtime() -> bool:
     torch.Tensor.type = _cuda_tensor_type(torch.Tensor.type)
 
     _patch_megatron_rng()
+    _patch_megatron_causal_mask()
     # Entered for the life of the process, on purpose: every later torch call is covered.
     _CudaToCpuMode().__enter__()
 

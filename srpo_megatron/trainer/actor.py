@@ -14,6 +14,9 @@ The output layer never materialises [T, V/tp] logits: GPTModel's ``output_proces
 the final hidden states, we keep only the positions that predict response tokens and feed them,
 with this rank's output-weight shard, to the fused vocab-parallel op.
 
+Memory settings are Megatron's own (``model.sequence_parallel``, ``model.recompute_*`` become
+``TransformerConfig`` fields); ``trainer/memory_plan.py`` estimates what each costs.
+
 Loss normalisation uses Megatron's per-token-loss path (``calculate_per_token_loss``): the loss
 function returns the micro-batch's loss NUMERATOR and its local token count, and Megatron divides
 the gradients by the count summed over micro-batches and data-parallel ranks — exactly the global
@@ -29,7 +32,7 @@ from functools import partial
 import torch
 
 from srpo_megatron.algorithms import AlgorithmConfig, LossBatch, compute_srpo_loss, count_denominator_tokens
-from srpo_megatron.config import Config
+from srpo_megatron.config import Config, ModelConfig
 from srpo_megatron.models.qwen3.loader import load_hf_weights
 from srpo_megatron.models.qwen3.provider import build_qwen3_model
 from srpo_megatron.ops.token_stats import TokenStats, vocab_parallel_token_stats
@@ -39,6 +42,19 @@ from srpo_megatron.trainer.teacher import EmaTeacher
 
 def _dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+
+
+def megatron_memory_settings(model: ModelConfig) -> dict:
+    """``TransformerConfig`` fields of ``model.sequence_parallel`` and ``model.recompute_*``
+    (validated in config.py). Megatron recomputes only in training passes, never in ``score``."""
+    selective = model.recompute_granularity == "selective"
+    return dict(
+        sequence_parallel=model.sequence_parallel,
+        recompute_granularity=None if model.recompute_granularity == "none" else model.recompute_granularity,
+        recompute_method=model.recompute_method,
+        recompute_num_layers=model.recompute_num_layers,
+        recompute_modules=list(model.recompute_modules) if selective else None,
+    )
 
 
 class MegatronActor:
@@ -62,6 +78,7 @@ class MegatronActor:
             init_weights=False,
             calculate_per_token_loss=True,
             bf16=dtype == torch.bfloat16,
+            **megatron_memory_settings(cfg.model),
         )
         student = build()
         load_hf_weights(student, cfg.model.hf_dir, hf_config)
@@ -150,15 +167,25 @@ class MegatronActor:
         ``stats_args(i, mb)``: extra arguments of the token-stats op for micro-batch i (top-k, ids to
         gather at, entropy); ``loss_func(i, mb, stats)``: Megatron's loss function for it.
         """
+        from megatron.core import parallel_state
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         items = iter(enumerate(micro_batches))
+        # Sequence parallelism splits the sequence evenly over TP: a multiple of tp positions.
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        multiple = tp if self.cfg.model.sequence_parallel else 1
+        seq_len = -(-micro_batches[0].tokens.shape[1] // multiple) * multiple
 
         def forward_step(data_iterator, model):
             index, mb = next(data_iterator)
+            tokens, position_ids = mb.tokens, mb.position_ids  # [B, L]
+            if seq_len > tokens.shape[1]:
+                # Right padding: after every real token (causal attention) and never scored.
+                tokens = torch.nn.functional.pad(tokens, (0, seq_len - tokens.shape[1]))
+                position_ids = torch.arange(seq_len).expand_as(tokens)
             output = model(
-                mb.tokens,
-                mb.position_ids,
+                tokens,
+                position_ids,
                 None,
                 output_processor=partial(self._token_stats, mb=mb, extra=stats_args(index, mb)),
             )
@@ -169,16 +196,27 @@ class MegatronActor:
             data_iterator=items,
             model=[model],
             num_microbatches=len(micro_batches),
-            seq_length=micro_batches[0].tokens.shape[1],
+            seq_length=seq_len,
             micro_batch_size=micro_batches[0].tokens.shape[0],
             forward_only=forward_only,
         )
 
-    def _token_stats(self, *, hidden_states, output_layer, output_weight, mb: MicroBatch, extra: dict, **_):
-        """GPTModel's output hook: hidden [S, B, H] -> per-token stats at the predicted positions only."""
+    def _token_stats(
+        self, *, hidden_states, output_layer, output_weight, config, mb: MicroBatch, extra: dict, **_
+    ):
+        """GPTModel's output hook: hidden [S, B, H] ([S/tp, B, H] under sequence parallelism) ->
+        per-token stats at the predicted positions only."""
         from megatron.core import parallel_state
+        from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 
         weight = output_weight if output_weight is not None else output_layer.weight  # [V/tp, H]
+        group = parallel_state.get_tensor_model_parallel_group()
+        if config.sequence_parallel:
+            # The op's hidden gradient is already summed over TP, so the gather's backward only keeps
+            # this rank's slice (tensor_parallel_output_grad=False; ops/token_stats.py).
+            hidden_states = gather_from_sequence_parallel_region(
+                hidden_states, tensor_parallel_output_grad=False, group=group
+            )  # [S, B, H]
         hidden = hidden_states.transpose(0, 1)[mb.rows, mb.cols]  # [N, H]
         tp_rank = parallel_state.get_tensor_model_parallel_rank()
         return vocab_parallel_token_stats(
@@ -187,7 +225,7 @@ class MegatronActor:
             vocab_start=tp_rank * weight.shape[0],
             true_vocab_size=self.true_vocab_size,
             targets=mb.targets,
-            group=parallel_state.get_tensor_model_parallel_group(),
+            group=group,
             chunk_size=self.cfg.train.ops_chunk_tokens,
             **extra,
         )

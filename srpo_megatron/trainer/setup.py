@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from srpo_megatron.config import Config, to_dict, validate_layout
+from srpo_megatron.config import Config, check_recompute_layers, to_dict, validate_layout
 from srpo_megatron.data.dataset import PromptDataset
 from srpo_megatron.data.rows import load_rows
 from srpo_megatron.data.templating import tokenize_and_filter
@@ -48,6 +48,7 @@ def load_model_config(cfg: Config) -> dict:
             f"config: model.tp={cfg.model.tp} / model.pp={cfg.model.pp} do not fit model.hf_dir="
             f"{cfg.model.hf_dir}: {err}"
         ) from None
+    check_recompute_layers(cfg.model, arch.num_layers)
     return hf_config
 
 

@@ -66,3 +66,51 @@ def train_until_a_crash_after_save(overrides: list[str], crash_step: int):
 
     loop.save_checkpoint = save_then_crash
     return train_in_ranks(overrides)
+
+
+def gradients_per_memory_setting_in_ranks(overrides: list[str], settings: dict[str, list[str]]):
+    """One SRPO training pass of a fresh actor per setting (extra overrides: sequence parallelism,
+    recompute), all from the same weights over the same micro-batches (odd length: padded under
+    sequence parallelism), GRPO and SDPO rows alike. Returns on rank 0, per setting, the loss terms
+    of each micro-batch and the full fp32 gradient."""
+    from srpo_megatron.algorithms import LossBatch
+    from srpo_megatron.trainer.actor import MegatronActor
+    from srpo_megatron.trainer.batching import build_micro_batches
+    from srpo_megatron.trainer.setup import load_model_config
+
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(10, 1000, (n,), generator=g).tolist() for n in (5, 8, 3, 6)]
+    responses = [torch.randint(10, 1000, (n,), generator=g).tolist() for n in (8, 4, 9, 5)]
+    out = {}
+    for name, extra in settings.items():
+        cfg = load_config(["configs/tiny_cpu.yaml"], [*overrides, *extra])
+        actor = MegatronActor(cfg, load_model_config(cfg), optimizer_steps=1)
+        mbs = build_micro_batches(prompts, responses, pad_id=0, token_budget=26)  # 2 x [2, 13]
+        old = actor.forward(mbs, teacher=False, topk=cfg.algorithm.topk)
+        teacher = actor.forward(mbs, teacher=True, gather_ids=[s.topk_ids for s in old], want_entropy=True)
+        inputs = []
+        for mb, o, t in zip(mbs, old, teacher, strict=True):
+            # The teacher equals the student at the start: move its top-K mass about, so that the
+            # SDPO term has a gradient (same generator seed in every setting).
+            noise = torch.randn(t.gathered_logp.shape, generator=torch.Generator().manual_seed(1))
+            mass = t.gathered_logp.logsumexp(-1, keepdim=True)
+            old_logp = mb.to_response_layout(o.logp)
+            inputs.append(
+                LossBatch(
+                    old_logp=old_logp,
+                    rollout_logp=old_logp,
+                    loss_mask=mb.response_mask.float(),
+                    advantages=torch.tensor([1.0, -0.5]),
+                    route_sdpo=torch.tensor([False, True]),
+                    has_teacher=torch.tensor([False, True]),
+                    fallback=torch.tensor([False, False]),
+                    topk_ids=mb.to_response_layout(o.topk_ids),
+                    teacher_topk_logp=mb.to_response_layout((t.gathered_logp + noise).log_softmax(-1) + mass),
+                    teacher_entropy=mb.to_response_layout(t.entropy),
+                    teacher_logp=mb.to_response_layout(t.logp),
+                )
+            )
+        metrics = actor.train(mbs, inputs, weight_stats=None)
+        losses = [(m["loss/grpo"], m["loss/sdpo"]) for m in metrics["micro_batches"]]
+        out[name] = {"losses": losses, "grad": _gather_full(actor, lambda main: main.grad)}
+    return out if dist.get_rank() == 0 else None

@@ -46,6 +46,57 @@ def test_bad_values_name_the_key(override, message):
         load_config([CONFIGS / "qwen3_8b_srpo.yaml"], [*REQUIRED, override])
 
 
+FULL = "model.recompute_granularity=full"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["model.tp=1"], "model.sequence_parallel: needs model.tp > 1"),  # the 8B config turns it on
+        ([FULL, "model.recompute_num_layers=1"], "model.recompute_method: full recompute needs 'uniform'"),
+        (
+            [FULL, "model.recompute_method=uniform"],
+            "model.recompute_num_layers: full recompute needs a number",
+        ),
+        (
+            [FULL, "model.recompute_method=block", "model.recompute_num_layers=0"],
+            "needs a number of layers >= 1",
+        ),
+        (
+            ["model.recompute_method=uniform"],
+            "model.recompute_method: applies to model.recompute_granularity=full",
+        ),
+        (
+            ["model.recompute_granularity=selective", "model.recompute_num_layers=2"],
+            "model.recompute_num_layers: applies to model.recompute_granularity=full only",
+        ),
+        (
+            ["model.recompute_granularity=selective", "model.recompute_modules=[layernorm]"],
+            "recompute_modules",
+        ),
+        (["model.recompute_granularity=selective", "model.recompute_modules=[]"], "recompute_modules"),
+        (["model.recompute_granularity=partial"], "recompute_granularity"),
+    ],
+)
+def test_bad_memory_settings_name_the_key(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        load_config([CONFIGS / "qwen3_8b_srpo.yaml"], [*REQUIRED, *overrides])
+
+
+def test_full_recompute_layers_are_checked_against_the_model():
+    from srpo_megatron.trainer.setup import load_model_config
+
+    model = [f"model.hf_dir={CONFIGS / 'models' / 'qwen3_8b'}", FULL, "model.recompute_method=block"]
+    assert load_model_config(
+        load_config([CONFIGS / "qwen3_8b_srpo.yaml"], [*REQUIRED, *model, "model.recompute_num_layers=36"])
+    )
+    too_many = load_config(
+        [CONFIGS / "qwen3_8b_srpo.yaml"], [*REQUIRED, *model, "model.recompute_num_layers=37"]
+    )
+    with pytest.raises(ValueError, match="at most the layers per pipeline stage, 36"):
+        load_model_config(too_many)
+
+
 def test_missing_required_value_is_refused():
     with pytest.raises(ValueError, match="hf_dir|train_files"):
         load_config([CONFIGS / "qwen3_8b_srpo.yaml"])
@@ -96,9 +147,24 @@ def test_8b_example_dry_run_on_cpu():
     assert "Qwen3ForCausalLM 8,191,783,936 parameters (Megatron, vocab padded for tp 4)" in out.stdout
     assert "2 SGLang engine(s) x TP 4, launched colocated on GPUs 0-7" in out.stdout
     # bf16 params 2 + fp32 grads 4 + Adam 12 / dp 2 bytes on 8.191e9 / 4 params; the teacher 2 bytes
-    # of weights + 4 / dp 2 of fp32 EMA values; 80 - 40 - 22.9 - 7.6 = 9.5 GiB left
-    assert "actor 22.9 GiB (params, fp32 grads, Adam over dp 2), EMA teacher 7.6 GiB" in out.stdout
-    assert "mem_fraction=0.5 takes 40.0 of 80 GiB, leaving 9.5 GiB" in out.stdout
+    # of weights + 4 / dp 2 of fp32 EMA values
+    static = "params 3.8 + fp32 grads 7.6 + Adam 11.4 (over dp 2) + EMA teacher 7.6 (weights 3.8, fp32 EMA"
+    assert f"memory per GPU while training (estimate, GiB): {static}" in out.stdout
+    # Activations (TE, bf16, sequence parallel over 4), bytes per token per layer: fused norm + linear
+    # 2 x (2 x 4096 / 4 x 2) + QKV output (1024 + 2 x 256) x 2 + RoPE cos/sin 4 x 128 x 2 + attention
+    # output 1024 x 2 + rotated Q, K (1024 + 256) x 2 + lse 8 x 4 + MLP 5 x 3072 x 2 = 47,648; x 36
+    # layers x 16,384 tokens = 26.17 GiB, + the final norm's input (32 MiB) and the scored hidden
+    # states the fused op saves (128 MiB)
+    activations = "activations 26.3 (micro-batch of 16,384 tokens, 36 layers, TE spec, fused attention, "
+    assert activations + "sequence parallel on, no recompute)" in out.stdout
+    # 2 fp32 chunk buffers + a bf16 copy, 2,048 x 38,016 x 10 B = 0.73 GiB; the weight gradient
+    # 38,016 x 4096 x (4 + 2) B = 0.87 GiB; the hidden gradient 16,384 x 4096 x 2 B = 0.125 GiB
+    assert "+ vocab op 1.7 (chunks of 2,048 x 38,016" in out.stdout
+    assert "= 58.6 of 80 GiB" in out.stdout  # 30.5 + 26.3 + 1.7, unrounded
+    assert "actor + teacher 30.5 + the engines' rollout.mem_fraction=0.5 40.0 = 70.5 of 80 GiB" in out.stdout
+    # without sequence parallelism the replicated norm inputs cost 4 x as much: 72.2 GiB, still < 80
+    assert "memory options, training total: no recompute: 72.2 GiB;" in out.stdout
+    assert "WARNING" not in out.stdout
     assert "dry run OK" in out.stdout
 
 

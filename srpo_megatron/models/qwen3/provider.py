@@ -5,6 +5,10 @@ its own layers (``pre_process`` on the first stage: the embedding; ``post_proces
 final norm + output layer); no virtual pipeline (``vp_stage=None``). The layer spec is Transformer
 Engine's on GPU and Megatron's local (pure PyTorch) spec on CPU; both give the same parameters and
 the same torch_dist checkpoint keys (the local spec maps its norms onto TE's fused names).
+
+Sequence parallelism (``sequence_parallel=True`` in the overrides, TP > 1) runs on both specs. TE's
+norms support it; megatron-core 0.19.2's local spec builds ``WrappedTorchNorm``, which refuses it,
+so the local spec here builds its RMSNorms from ``SequenceParallelTorchRMSNorm`` instead.
 """
 
 from typing import Any, Literal
@@ -17,6 +21,21 @@ from srpo_megatron.models.vocab import DEFAULT_VOCAB_DIVISOR, padded_vocab_size
 TransformerImpl = Literal["auto", "local", "transformer_engine"]
 
 
+class SequenceParallelTorchRMSNorm(torch.nn.RMSNorm):
+    """torch's RMSNorm (what Megatron's local spec builds), with the mark sequence parallelism needs.
+
+    Under sequence parallelism each TP rank normalises its own slice of the sequence, so the weight's
+    gradient on a rank is partial. Megatron's ``finalize_model_grads`` sums, over TP, the gradients
+    of the parameters marked ``sequence_parallel`` (TE's and apex's norms set the mark);
+    ``WrappedTorchNorm`` does not, and asserts that sequence parallelism is off. The q/k norms are
+    summed over TP by name in any case (each rank holds other heads); marking them changes nothing.
+    """
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5, **_unused_megatron_args):
+        super().__init__(hidden_size, eps=eps)
+        self.weight.sequence_parallel = config.sequence_parallel
+
+
 def layer_spec(transformer_impl: TransformerImpl = "auto"):
     """The Qwen3 layer spec: TE on GPU, local on CPU ("auto"); no silent fallback if TE is missing."""
     from megatron.core.models.gpt import gpt_layer_specs
@@ -24,7 +43,11 @@ def layer_spec(transformer_impl: TransformerImpl = "auto"):
     if transformer_impl == "auto":
         transformer_impl = "transformer_engine" if torch.cuda.is_available() else "local"
     if transformer_impl == "local":
-        return gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=True, normalization="RMSNorm")
+        spec = gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=True, normalization="RMSNorm")
+        layer, attention = spec.submodules, spec.submodules.self_attention.submodules
+        layer.input_layernorm = layer.pre_mlp_layernorm = SequenceParallelTorchRMSNorm
+        attention.q_layernorm = attention.k_layernorm = SequenceParallelTorchRMSNorm
+        return spec
     if transformer_impl == "transformer_engine":
         try:
             import transformer_engine  # noqa: F401
@@ -58,6 +81,10 @@ def build_qwen3_model(
     """
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
+    from megatron.core.transformer.transformer_block import (
+        TransformerBlockSubmodules,
+        get_num_layers_to_build,
+    )
 
     arch = Qwen3Arch.from_hf(hf_config)
     tp = parallel_state.get_tensor_model_parallel_world_size()
@@ -71,9 +98,14 @@ def build_qwen3_model(
         perform_initialization=init_weights,
         **config_overrides,
     )
+    spec = layer_spec(transformer_impl)
+    if spec.submodules.input_layernorm is SequenceParallelTorchRMSNorm:
+        # The block's final norm too (Megatron would pick WrappedTorchNorm for it without TE / apex).
+        layers = [spec] * get_num_layers_to_build(config)
+        spec = TransformerBlockSubmodules(layer_specs=layers, layer_norm=SequenceParallelTorchRMSNorm)
     model = GPTModel(
         config,
-        layer_spec(transformer_impl),
+        spec,
         vocab_size=padded_vocab_size(arch.vocab_size, tp, make_vocab_size_divisible_by),
         max_sequence_length=arch.max_position_embeddings,
         pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=True),
