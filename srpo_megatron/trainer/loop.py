@@ -19,6 +19,8 @@ import torch.distributed as dist
 
 from srpo_megatron.algorithms import compute_group_advantages, compute_weight_stats, route_rollouts
 from srpo_megatron.config import Config, to_dict, validate_layout
+from srpo_megatron.rollout.engine import RolloutEngine
+from srpo_megatron.rollout.weight_sync import WeightSync
 from srpo_megatron.runtime.distributed import ParallelLayout, from_rank_0, init_distributed
 from srpo_megatron.trainer.actor import MegatronActor, TrainInputs
 from srpo_megatron.trainer.batching import build_micro_batches
@@ -30,7 +32,7 @@ from srpo_megatron.trainer.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from srpo_megatron.trainer.engines import make_engine, sync_weights
+from srpo_megatron.trainer.engines import start_engine
 from srpo_megatron.trainer.evaluation import BestWithinBudget, evaluate, load_eval_prompts
 from srpo_megatron.trainer.header import print_start_header
 from srpo_megatron.trainer.metrics import MetricsLogger, PhaseTimer
@@ -43,7 +45,7 @@ from srpo_megatron.trainer.setup import load_run_inputs
 class RunResult:
     metrics: dict[str, float]  # the last step's
     actor: MegatronActor
-    engine: object  # the rollout engine on its owner rank, None elsewhere
+    engine: RolloutEngine | None  # the rollout engine on global rank 0, None elsewhere
 
 
 @dataclass
@@ -55,7 +57,8 @@ class Run:
     tokenizer: object
     dataset: object
     actor: MegatronActor
-    engine: object
+    engine: RolloutEngine | None  # on global rank 0
+    weight_sync: WeightSync
     logger: MetricsLogger
     routing_rng: torch.Generator
     eval_prompts: list
@@ -65,18 +68,22 @@ class Run:
 
 def train(cfg: Config) -> RunResult:
     _start_distributed(cfg)
-    lock = engine = None
+    lock = engine = weight_sync = None
     try:
         lock, resume = _open_run_dir(cfg)
         hf_config, tokenizer, dataset = load_run_inputs(cfg)
         print_start_header(cfg, dataset, resume)
-        engine = _start_engine(cfg, tokenizer)
-        return _train(_setup(cfg, hf_config, tokenizer, dataset, engine), resume)
+        engine, weight_sync = start_engine(cfg, tokenizer)
+        return _train(_setup(cfg, hf_config, tokenizer, dataset, engine, weight_sync), resume)
     finally:
-        if hasattr(engine, "shutdown"):  # SGLang: stop the servers this run launched
-            engine.shutdown()
-        if lock is not None:
-            lock.close()
+        try:
+            if weight_sync is not None:  # disaggregated: the engines leave this run's groups
+                weight_sync.close()
+        finally:
+            if engine is not None:  # SGLang: stop the servers this run launched
+                engine.shutdown()
+            if lock is not None:
+                lock.close()
 
 
 def _train(run: Run, resume: Path | None) -> RunResult:
@@ -84,7 +91,7 @@ def _train(run: Run, resume: Path | None) -> RunResult:
     start = _resume_if_any(run, resume)
     # The engine starts from the actor's weights: the same HF weights on a fresh start, the
     # checkpoint's on a resume.
-    sync_weights(run.actor, run.engine, cfg, run.hf_config)
+    run.weight_sync.sync(run.actor.student, run.hf_config)
     metrics, rewards = {}, []
     for step in range(start + 1, cfg.train.total_steps + 1):
         metrics = train_step(run, step)
@@ -147,7 +154,7 @@ def train_step(run: Run, step: int) -> dict[str, float]:
         if any(m["update_ok"] for m in train_metrics):
             actor.update_teacher(cfg.algorithm.ema_decay)
         with timer("sync"):
-            sync_metrics = sync_weights(actor, run.engine, cfg, run.hf_config)
+            sync_metrics = run.weight_sync.sync(actor.student, run.hf_config)
 
     metrics = ro.metrics(routing, cfg.algorithm.variant, old, teacher) | _reduce_train_metrics(train_metrics)
     metrics |= sync_metrics
@@ -192,28 +199,7 @@ def _open_run_dir(cfg: Config):
     return lock, path
 
 
-def _start_engine(cfg: Config, tokenizer):
-    """Rank 0 starts the rollout engine(s) before any rank builds the actor: launched SGLang sizes
-    its KV cache on GPUs that are still empty, and colocated engines then give their memory back
-    until the first weight sync. A failure there stops every rank. None on the other ranks."""
-    engine = None
-
-    def start() -> None:
-        nonlocal engine
-        started = make_engine(cfg, tokenizer)
-        try:
-            started.release_memory()
-        except BaseException:
-            if hasattr(started, "shutdown"):
-                started.shutdown()
-            raise
-        engine = started
-
-    from_rank_0(start, "starting the rollout engine")
-    return engine
-
-
-def _setup(cfg: Config, hf_config: dict, tokenizer, dataset, engine) -> Run:
+def _setup(cfg: Config, hf_config: dict, tokenizer, dataset, engine, weight_sync) -> Run:
     updates_per_step = cfg.train.prompts_per_step // cfg.train.mini_batch_prompts
     return Run(
         cfg=cfg,
@@ -222,6 +208,7 @@ def _setup(cfg: Config, hf_config: dict, tokenizer, dataset, engine) -> Run:
         dataset=dataset,
         actor=MegatronActor(cfg, hf_config, optimizer_steps=cfg.train.total_steps * updates_per_step),
         engine=engine,
+        weight_sync=weight_sync,
         logger=MetricsLogger(
             cfg.output_dir,
             enabled=dist.get_rank() == 0,

@@ -38,10 +38,10 @@ def train_steps_in_ranks(overrides: list[str], steps: int):
     cfg = load_config(["configs/tiny_cpu.yaml"], overrides)
     loop._start_distributed(cfg)
     hf_config, tokenizer, dataset = loop.load_run_inputs(cfg)
-    run = loop._setup(cfg, hf_config, tokenizer, dataset, loop._start_engine(cfg, tokenizer))
+    run = loop._setup(cfg, hf_config, tokenizer, dataset, *loop.start_engine(cfg, tokenizer))
     actor = run.actor
     initial = {n: p.detach().clone() for n, p in actor.student.named_parameters()}
-    loop.sync_weights(actor, run.engine, cfg, run.hf_config)
+    run.weight_sync.sync(actor.student, run.hf_config)
     out = {"initial": initial, "metrics": [], "main": [], "teacher": []}
     for step in range(1, steps + 1):
         out["metrics"].append(loop.train_step(run, step))
