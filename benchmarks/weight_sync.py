@@ -1,18 +1,29 @@
-"""Bucketed weight sync vs one collective per tensor, in the same run (CPU/gloo, 2 processes).
+"""Weight sync to a disaggregated engine, in one run (CPU/gloo, 3 processes): bucketed vs one
+collective per tensor, and with PP=2 each stage broadcasting its own layers vs stage 1 funnelled
+through rank 0.
 
-Rank 0 is the trainer's source rank, rank 1 an engine rank running SGLang's receive protocol
-(``BroadcastWeightReceiver`` loading into preallocated tensors by name). The tensors have the
-shapes of a Qwen3 (defaults: 28 layers, hidden 512: 310 tensors, ~210 MB in bf16). Each mode
-syncs the full set ``--repeats`` times after one warm-up, modes interleaved; the median is reported.
+Ranks 0 and 1 are the trainer's source ranks (of PP stages 0 and 1), rank 2 an engine rank running
+SGLang's receive protocol (``BroadcastWeightReceiver`` loading into preallocated tensors by name,
+one request at a time, as SGLang's scheduler serves them). The tensors have the shapes of an
+untied Qwen3 (defaults: 28 layers, hidden 512, vocabulary 32,768: 311 tensors, 243 MB in bf16).
+Each mode syncs the full set ``--repeats`` times after one warm-up, modes interleaved; the median
+is reported.
 
-  bucketed      SGLang ``load_format="flattened_bucket"``: one request + one broadcast per bucket
-  per_tensor    one request + one broadcast per tensor (the naive sync: a bucket per tensor)
-  per_tensor_in_buckets  one request per bucket, one broadcast per tensor (SGLang's plain format)
+  bucketed               rank 0 alone, SGLang ``load_format="flattened_bucket"``: one request +
+                         one broadcast per bucket
+  per_tensor             rank 0 alone, one request + one broadcast per tensor (the naive sync)
+  per_tensor_in_buckets  rank 0 alone, one request per bucket, one broadcast per tensor (SGLang's
+                         plain format)
+  pp2_per_stage          each stage's source rank broadcasts its own half in a group of its own
+                         (``BroadcastWeightSync``'s layout)
+  pp2_funnel             stage 1 sends its buckets to rank 0 point to point, which broadcasts the
+                         whole model in one group (``in_process.send_to`` / ``with_stages_from``)
 
-The sender keeps one bucket in flight while it flattens the next into a reused buffer (both modes
-pipeline their requests the same way). Prints the figures; the last line is one JSON object (``time_ratio`` = bucketed / per_tensor).
-Gloo on one host measures the per-collective and per-request overheads bucketing removes; on GPUs
-NCCL's per-collective launch cost is smaller but the per-request RPC is the same.
+The sender keeps one bucket in flight while it flattens the next into a reused buffer (every mode
+pipelines its requests the same way). Prints the figures; the last line is one JSON object
+(``time_ratio`` = bucketed / per_tensor, ``pp2_time_ratio`` = per_stage / funnel). Gloo on one host
+measures the per-collective and per-request overheads bucketing removes, and the extra hop of the
+funnel; on GPUs NCCL's per-collective launch cost is smaller but the per-request RPC is the same.
 
     python benchmarks/weight_sync.py [--layers 28 --hidden 512 --bucket-mb 64 --repeats 9]
 """
