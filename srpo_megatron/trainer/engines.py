@@ -36,7 +36,7 @@ def start_engine(cfg: Config, tokenizer) -> tuple[RolloutEngine | None, WeightSy
     elsewhere; the weight sync)."""
     engine = None
 
-    def start() -> tuple[list[str], str]:
+    def start() -> dict:
         nonlocal engine
         started, urls = (
             _start_sglang(cfg) if cfg.rollout.engine == "sglang" else (_hf_engine(cfg, tokenizer), [])
@@ -47,11 +47,18 @@ def start_engine(cfg: Config, tokenizer) -> tuple[RolloutEngine | None, WeightSy
             started.shutdown()
             raise
         engine = started
-        return urls, socket.gethostname()
+        # what the other ranks need to reach the engines; the group name is this run's own (an
+        # engine refuses a group name it holds already, and a run that died without leaving its
+        # groups, SIGKILL, leaves them there)
+        return {
+            "urls": urls,
+            "host": socket.gethostname(),
+            "group_name": f"srpo_weights_{secrets.token_hex(4)}",
+        }
 
-    urls, host_of_rank_0 = from_rank_0(start, "starting the rollout engine")
+    meeting = from_rank_0(start, "starting the rollout engine")
     try:
-        return engine, _weight_sync(cfg, engine, urls, host_of_rank_0)
+        return engine, _weight_sync(cfg, engine, **meeting)
     except BaseException:
         if engine is not None:
             engine.shutdown()
@@ -94,14 +101,15 @@ def _start_sglang(cfg: Config) -> tuple[SGLangFleet, list[str]]:
     return fleet, urls
 
 
-def _weight_sync(cfg: Config, engine, urls: list[str], host_of_rank_0: str) -> WeightSync:
+def _weight_sync(cfg: Config, engine, *, urls: list[str], host: str, group_name: str) -> WeightSync:
+    """host: global rank 0's host name."""
     r = cfg.rollout
     bucket_bytes = r.bucket_mb * 2**20
     if r.engine == "hf":
         return InProcessWeightSync(engine, bucket_bytes=bucket_bytes, verify=r.verify_sync)
     if r.mode == "colocated":
         return CudaIpcWeightSync(engine, bucket_bytes=bucket_bytes)
-    if socket.gethostname() != host_of_rank_0:  # another node: the name torch's rendezvous advertises
+    if socket.gethostname() != host:  # another node: the name torch's rendezvous advertises
         address = socket.getfqdn()
     else:
         address = r.sync_master_addr or (
@@ -111,9 +119,7 @@ def _weight_sync(cfg: Config, engine, urls: list[str], host_of_rank_0: str) -> W
         engine,
         urls,
         engine_tp=r.engine_tp,
-        # a name of this run's own: an engine refuses a group name it holds already, and a run that
-        # died without leaving its groups (SIGKILL) leaves them there
-        group_name=f"srpo_weights_{secrets.token_hex(4)}",
+        group_name=group_name,
         master_address=address,
         bucket_bytes=bucket_bytes,
         timeout_s=r.call_timeout_s,
