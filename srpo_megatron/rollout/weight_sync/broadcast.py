@@ -26,9 +26,9 @@ at its own address and port, reaches every engine over HTTP itself (an ``SGLangE
 and sends its own layers; every engine joins one group per stage (SGLang keeps its groups by
 name). Nothing funnels through one rank, and no rank holds more than two flat buckets. An engine
 serves update requests one at a time, so the stages take turns at each engine while their senders
-prepare the next bucket. On CPU/gloo this takes 0.57 of the time of funnelling stage 1 through
-rank 0 (``benchmarks/weight_sync.py``, PP=2). Global rank 0 holds the fleet and opens and closes
-every engine's weight-update session around the stages' sends.
+prepare the next bucket. On CPU/gloo at PP=2 this takes about half the time of funnelling stage
+1 through rank 0 (``benchmarks/weight_sync.py``: ratio 0.43 to 0.57). Global rank 0 holds the
+fleet and opens and closes every engine's weight-update session around the stages' sends.
 
 ``BroadcastWeightReceiver`` is the engine side of that protocol in plain torch: the CPU/gloo tests
 and the stand-in server (``testing/fake_sglang_server.py``) run it in front of an HF model, which
