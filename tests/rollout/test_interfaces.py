@@ -20,7 +20,9 @@ def _signature(function) -> list[tuple[str, object, object]]:
 
 
 def _methods(protocol) -> dict:
-    return {name: f for name, f in vars(protocol).items() if inspect.isfunction(f) and not name.startswith("_")}
+    return {
+        name: f for name, f in vars(protocol).items() if inspect.isfunction(f) and not name.startswith("_")
+    }
 
 
 @pytest.mark.parametrize(
