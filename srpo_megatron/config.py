@@ -120,8 +120,10 @@ class RolloutConfig:
     """Deadline of one engine call (a whole step's generation on one replica, a weight bucket). The
     trainer's process groups wait 10 minutes longer than this and than startup_timeout_s."""
     sync_master_addr: str | None = None
-    """Disaggregated: the address at which the engines reach global rank 0 for the weight-update
-    group; defaults to MASTER_ADDR, else 127.0.0.1."""
+    """Disaggregated: the address at which the engines reach the trainer's sending ranks on global
+    rank 0's node (each pipeline stage's source rank hosts its stage's weight-update group);
+    defaults to 127.0.0.1 for launched engines, else MASTER_ADDR. Sending ranks on other nodes
+    are reached at their host name."""
     hf_batch_size: int = 256
     """HF engine: samples decoded together (bounds its [batch, vocab] logits memory)."""
     bucket_mb: int = 512

@@ -5,14 +5,15 @@ distribution each token was sampled from (temperature applied; SGLang's default,
 ``SGLANG_RETURN_ORIGINAL_LOGPROB``), and a finish reason (``"stop"``: a stop token was sampled and
 is the last response token; ``"length"``: ``max_new_tokens`` ran out).
 
-Weights arrive as a stream of HF-named full tensors: in-process (``update_weights``, the colocated
-path and the HF engine) or by NCCL broadcast (``weight_sync/broadcast.py``, SGLang disaggregated).
-``release_memory`` frees the engine's GPU memory for training where the engine supports it (SGLang
-colocated, which ``SGLangFleet`` brings back around the next weight sync); elsewhere it does
-nothing.
+Two implementations: ``HFEngine`` (hf_engine.py) and ``SGLangFleet`` (sglang_fleet.py, the run's
+SGLang servers). Weights do not go through this interface: each engine has its transport in
+``weight_sync/`` (a ``WeightSync``, picked where the engine is made). ``release_memory`` frees the
+engine's GPU memory for training where the engine supports it (SGLang colocated, whose weight sync
+brings it back); elsewhere it does nothing. ``shutdown`` ends what the engine started (the servers
+a fleet launched).
 """
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -83,8 +84,6 @@ class RolloutEngine(Protocol):
         """``on_done(k)``: k more samples are finished (progress of a long call, e.g. evaluation)."""
         ...
 
-    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Load HF-named full tensors (a bucket or the whole model) in place."""
-        ...
-
     def release_memory(self) -> None: ...
+
+    def shutdown(self) -> None: ...

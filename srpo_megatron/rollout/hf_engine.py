@@ -7,8 +7,9 @@ forward; only one step's ``[N, V]`` logits are alive at a time (``output_scores`
 ``[N, T, V]``: 20 GiB for 64 x 512 tokens of Qwen3's 151,936 vocabulary); and sampling draws from a
 private ``torch.Generator``, so a seed fixes the samples without touching the global RNG.
 
-Weights come in by HF name (``update_weights``), the same stream SGLang receives, so a mapping bug
-in the exporter shows up here as a train/rollout log-prob gap.
+Weights come in by HF name (``update_weights``, from ``weight_sync/in_process.py``), the same
+stream SGLang receives, so a mapping bug in the exporter shows up here as a train/rollout log-prob
+gap.
 """
 
 from collections.abc import Callable, Iterable, Sequence
@@ -152,3 +153,6 @@ class HFEngine:
 
     def release_memory(self) -> None:
         """Nothing to release: the HF engine keeps its weights (CPU / debug use)."""
+
+    def shutdown(self) -> None:
+        """Nothing to stop: the model goes with this process."""

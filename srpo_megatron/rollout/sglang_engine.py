@@ -18,7 +18,8 @@ we use:
   are of the distribution before the top-p cut (the HF engine's after it): SRPO samples at top_p 1;
 - ``init_weights_update_group(master_address, master_port, rank_offset, world_size, group_name,
   backend)``, ``update_weights_from_distributed(names, dtypes, shapes, group_name, flush_cache,
-  load_format)`` and ``destroy_weights_update_group(group_name)`` (disaggregated; protocol in
+  load_format)`` and ``destroy_weights_update_group(group_name)`` (disaggregated: one group per
+  pipeline stage, each driven by that stage's source rank over its own ``SGLangEngine``; protocol in
   ``weight_sync/broadcast.py``);
 - ``begin_weight_update()`` / ``end_weight_update()``: 0.5.23 refuses weight updates outside such
   a session; one session per sync;
@@ -27,8 +28,8 @@ we use:
   itself does: each rank then drops its own handle);
 - ``release_memory_occupation(tags)`` / ``resume_memory_occupation(tags)`` (colocated; only with
   ``--enable-memory-saver`` do they free anything: without it they succeed and do nothing, which
-  ``SGLangFleet.connect`` refuses; no tags = every kind, ``MEMORY_TAGS``), ``pause_generation`` /
-  ``continue_generation``, ``flush_cache``; ``GET /server_info``: the server's resolved arguments.
+  ``SGLangFleet.connect`` refuses; no tags = every kind, ``MEMORY_TAGS``), ``flush_cache``;
+  ``GET /server_info``: the server's resolved arguments.
 Each answers JSON ``{"success", "message"}`` with status 200 or 400 (a refusal is a 400 whose body
 says why); ``flush_cache`` answers plain text, the memory routes ``null``. Where SGLang's
 scheduler raises instead (a failing weight load, resuming memory never released, releasing it while
@@ -47,7 +48,7 @@ import io
 import json
 import urllib.error
 import urllib.request
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from multiprocessing.reduction import ForkingPickler
@@ -57,7 +58,6 @@ import torch
 from torch.multiprocessing import reductions  # also registers torch's tensor reductions with ForkingPickler
 
 from srpo_megatron.rollout.engine import FinishReason, RolloutBatch, SamplingParams
-from srpo_megatron.rollout.weight_sync.broadcast import WeightSyncError, as_result
 
 # sglang.srt.constants (0.5.23): what release/resume_memory_occupation take as tags
 WEIGHTS_TAG = "weights"
@@ -69,6 +69,24 @@ _CUDA_DEVICE_ARG = 6
 
 class EngineError(RuntimeError):
     """An SGLang engine died, timed out or answered a call with an error."""
+
+
+class WeightSyncError(RuntimeError):
+    """An engine died, timed out or refused a weight update; the engine's weights are suspect."""
+
+
+def as_result(answer: Any) -> tuple[bool, str]:
+    """SGLang answers ``(success, message)`` (in-process), ``{"success", "message"}`` (HTTP) or an
+    output object with those fields; ``None`` is a plain success."""
+    if answer is None:
+        return True, ""
+    if isinstance(answer, tuple):
+        return bool(answer[0]), str(answer[1]) if len(answer) > 1 else ""
+    if isinstance(answer, dict):
+        return bool(answer.get("success", True)), str(answer.get("message", ""))
+    if hasattr(answer, "success"):
+        return bool(answer.success), str(getattr(answer, "message", ""))
+    return True, str(answer)
 
 
 def _reduce_with_device_uuid(tensor: torch.Tensor):
@@ -210,17 +228,8 @@ class SGLangHTTPClient:
     def resume_memory_occupation(self, tags=None):
         return self._post("resume_memory_occupation", {"tags": tags})
 
-    def pause_generation(self):
-        return self._post("pause_generation")
-
-    def continue_generation(self):
-        return self._post("continue_generation")
-
     def flush_cache(self):
         return self._post("flush_cache")
-
-    def get_weights_by_name(self, name, truncate_size=100):
-        return self._post("get_weights_by_name", {"name": name, "truncate_size": truncate_size})
 
 
 def _parse_body(body: bytes, ok: bool) -> Any:
@@ -233,7 +242,8 @@ def _parse_body(body: bytes, ok: bool) -> Any:
 
 
 class SGLangEngine:
-    """One SGLang replica (``tp_size`` GPUs) behind the ``RolloutEngine`` interface.
+    """One SGLang replica (``tp_size`` GPUs), driven over HTTP: generation, memory and weight-update
+    calls (``SGLangFleet`` puts the run's replicas behind the ``RolloutEngine`` interface).
 
     client: an ``SGLangHTTPClient`` (``connect``), or anything with its method names (tests).
     It is also a ``WeightReceiverHandle`` (``request_join`` / ``request_receive`` /
@@ -279,7 +289,7 @@ class SGLangEngine:
         """The server's resolved arguments (``enable_memory_saver``, ``tp_size``, ...) and version."""
         return self.call("server_info")
 
-    # -- RolloutEngine -------------------------------------------------------------------------
+    # -- generation, weights, memory ---------------------------------------------------------------
     def generate(
         self, prompt_ids: Sequence[Sequence[int]], params: SamplingParams, *, first_prompt: int = 0
     ) -> RolloutBatch:
@@ -312,15 +322,10 @@ class SGLangEngine:
             finish_reasons=[p[2] for p in parsed],
         )
 
-    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Hand a bucket of HF-named tensors held by this process to every engine TP rank (CUDA IPC
-        handles). The cache is flushed once at the end of a sync (``flush_cache``), not per bucket."""
-        named_tensors = list(named_tensors)
-        self.update_weights_serialized([serialize_tensors(named_tensors) for _ in range(self.world_size)])
-
     def update_weights_serialized(self, payloads: Sequence[str]) -> None:
         """One ``serialize_tensors`` payload per engine TP rank, rank ``j``'s made by the process on
-        that rank's GPU (colocated: each engine rank opens IPC handles of memory on its own GPU)."""
+        that rank's GPU (colocated: each engine rank opens IPC handles of memory on its own GPU).
+        The cache is flushed once at the end of a sync (``flush_cache``), not per bucket."""
         if len(payloads) != self.world_size:
             raise ValueError(
                 f"engine {self.name!r} has {self.world_size} TP ranks, got {len(payloads)} payloads"
@@ -348,12 +353,6 @@ class SGLangEngine:
 
     def resume_memory(self, tags: list[str] | None = None) -> None:
         self._checked("resume_memory_occupation", tags=tags)
-
-    def pause_generation(self) -> None:
-        self.call("pause_generation")
-
-    def continue_generation(self) -> None:
-        self.call("continue_generation")
 
     def shutdown(self) -> None:
         """Stop this adapter's worker (the server's owner stops the server)."""

@@ -1,84 +1,66 @@
-"""The run's SGLang engines, driven from one trainer rank: generate across them, load new weights
-into them, free their GPU memory while the actor trains (colocated).
+"""The run's SGLang engines, driven from global rank 0: the ``RolloutEngine`` of ``rollout.engine=
+sglang``. It generates across them, opens and closes their weight-update sessions, hands them the
+colocated weight payloads, and frees their GPU memory while the actor trains (colocated).
 
-Two placements (``rollout.mode``):
+Two placements (``rollout.mode``), each with its weight transport in ``weight_sync/``:
 
 - colocated: the engines share the training GPUs, engine ``i`` on the GPUs of global ranks
   ``[i * tp, (i + 1) * tp)``. They are launched with the memory saver; after each generation their
   weights, KV cache and CUDA graphs are released, so training has the GPUs, and before the next
-  generation the weights come back (stale), the new ones are loaded through
-  ``update_weights_from_tensor``, then the KV cache. Every training rank holds the full tensors
-  (the exporter's TP all-gather) and serialises CUDA IPC handles of its own copy; engine rank ``j``
-  gets the handles made on its own GPU (``load_serialized``): no copy through the host, no CUDA
-  context on another GPU. Per step::
+  generation the weights come back (stale), the new ones are loaded, then the KV cache
+  (``weight_sync/cuda_ipc.py``: engine rank ``j`` gets CUDA IPC handles made on its own GPU,
+  ``load_serialized``). Per step::
 
-      generate -> release_memory() -> ... train ... -> resume_weights() ->
-      with weight_update(): load_serialized() per bucket -> resume_rest()
+      generate -> release_memory() -> ... train ... -> resume_weights() -> begin_weight_update()
+      -> load_serialized() per bucket -> end_weight_update() -> resume_rest()
 
-- disaggregated: the engines have GPUs of their own and keep their memory; weights arrive by NCCL
-  broadcast in a weight-update group that this rank hosts (``weight_sync/broadcast.py``).
+- disaggregated: the engines have GPUs of their own and keep their memory; each pipeline stage's
+  source rank broadcasts its layers to them in a weight-update group of its own, inside the
+  sessions this fleet opens (``weight_sync/broadcast.py``).
 
 Generation splits the prompts into contiguous shares, one per engine, run concurrently (each
 engine's HTTP calls go through its own worker thread), and concatenates the results in prompt order.
 """
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from contextlib import contextmanager
-
-import torch
 
 from srpo_megatron.rollout.engine import RolloutBatch, SamplingParams
 from srpo_megatron.rollout.sglang_engine import MEMORY_TAGS, WEIGHTS_TAG, EngineError, SGLangEngine
 from srpo_megatron.rollout.sglang_server import ServerProcess
-from srpo_megatron.rollout.weight_sync.broadcast import BroadcastWeightSender, GroupAddress, SyncStats
 
 CLEANUP_TIMEOUT_S = 30.0
 
 
 class SGLangFleet:
-    """engines: one ``SGLangEngine`` per replica. sync_address: where the weight-update group meets
-    (disaggregated only). servers: the processes this fleet launched (stopped by ``shutdown``)."""
+    """engines: one ``SGLangEngine`` per replica. servers: the processes this fleet launched
+    (stopped by ``shutdown``)."""
 
     def __init__(
         self,
         engines: Sequence[SGLangEngine],
         *,
         colocated: bool,
-        bucket_bytes: int,
-        sync_address: GroupAddress | None = None,
         servers: Sequence[ServerProcess] = (),
-        timeout_s: float = 600.0,
         deterministic: bool = False,
     ):
         if not engines:
             raise ValueError("SGLangFleet needs at least one engine")
-        if not colocated and sync_address is None:
-            raise ValueError("disaggregated engines need a sync_address for the weight-update group")
         self.engines = list(engines)
         self.colocated = colocated
-        self.bucket_bytes = bucket_bytes
         self.servers = list(servers)
         self.deterministic = deterministic
-        self.sender: BroadcastWeightSender | None = None
         self._released: set[str] = set()
-        if not colocated:
-            device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
-            self.sender = BroadcastWeightSender(
-                self.engines, sync_address, bucket_bytes=bucket_bytes, timeout_s=timeout_s, device=device
-            )
         self._pool = ThreadPoolExecutor(max_workers=len(self.engines), thread_name_prefix="fleet")
 
     def connect(self) -> None:
         """Once per run. Each server must run with the flags this run needs (servers started by
         someone else may lack them), and may hold a weight-update session that a crashed run left
-        open: closed quietly. Disaggregated: every engine joins this rank's weight-update group."""
+        open: closed quietly."""
         for engine in self.engines:
             self._check_server_args(engine)
         if not self.servers:
             self._end(self.engines, quiet=True)
-        if self.sender is not None:
-            self.sender.connect()
 
     def _check_server_args(self, engine: SGLangEngine) -> None:
         """Refuse servers that would quietly do something else than asked: without the memory saver
@@ -154,16 +136,6 @@ class SGLangFleet:
         if flush:
             self.flush_cache()
 
-    @contextmanager
-    def weight_update(self):
-        self.begin_weight_update()
-        try:
-            yield
-        except BaseException:
-            self.end_weight_update(flush=False, quiet=True)
-            raise
-        self.end_weight_update()
-
     @staticmethod
     def _end(engines, quiet: bool) -> None:
         """End every engine's session (an engine left with one refuses the next begin), then raise
@@ -178,18 +150,10 @@ class SGLangFleet:
         if errors and not quiet:
             raise errors[0]
 
-    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> SyncStats:
-        """Disaggregated: the whole model as a stream of HF-named full tensors, broadcast to every
-        engine, in one weight-update session."""
-        if self.sender is None:
-            raise RuntimeError("colocated engines load per-GPU payloads: use load_serialized")
-        with self.weight_update():
-            return self.sender.send(named_tensors)
-
     def load_serialized(self, payloads: Sequence[str]) -> None:
         """Colocated: one bucket as one ``serialize_tensors`` payload per GPU, in global-rank order;
-        engine ``i`` takes those of GPUs ``[i * tp, (i + 1) * tp)``, its own. Call it inside
-        ``weight_update()``."""
+        engine ``i`` takes those of GPUs ``[i * tp, (i + 1) * tp)``, its own. Call it between
+        ``begin_weight_update`` and ``end_weight_update``."""
         tp = self.engines[0].world_size
         if len(payloads) != tp * len(self.engines):
             raise ValueError(f"{len(payloads)} payloads for {len(self.engines)} engines x TP {tp}")
@@ -225,9 +189,9 @@ class SGLangFleet:
             self._released -= set(tags)
 
     def shutdown(self) -> None:
+        """Stop the adapters' workers and the servers this fleet launched (after the weight sync's
+        ``close``: disaggregated engines leave their weight-update groups first)."""
         try:
-            if self.sender is not None:
-                self.sender.close()
             for engine in self.engines:
                 engine.shutdown()
         finally:

@@ -294,7 +294,7 @@ def _detail(route: str, body: dict) -> str:
     if route == "generate":
         return f"{len(body['input_ids'])} requests"
     if route == "update_weights_from_distributed":
-        return f"{len(body['names'])} tensors"
+        return f"{body.get('group_name', 'weight_update_group')} {len(body['names'])} tensors"
     if route.endswith("weights_update_group"):
         return body.get("group_name", "weight_update_group")
     return ""

@@ -62,9 +62,6 @@ def project_payloads() -> dict[str, list[dict[str, Any]]]:
         engine.release_memory(list(MEMORY_TAGS))
         engine.resume_memory(["weights"])
         engine.flush_cache()
-        engine.pause_generation()
-        engine.continue_generation()
-        engine.call("get_weights_by_name", name="model.norm.weight", truncate_size=4)
     finally:
         engine.shutdown()
     return client.sent

@@ -19,10 +19,11 @@ import torch.distributed as dist
 
 from srpo_megatron.algorithms import compute_group_advantages, route_rollouts
 from srpo_megatron.config import Config
+from srpo_megatron.rollout.engine import RolloutEngine
 from srpo_megatron.trainer.actor import MegatronActor
 from srpo_megatron.trainer.batching import build_micro_batches
 from srpo_megatron.trainer.checkpoint import checkpoint_root, export_hf, list_checkpoints, save_checkpoint
-from srpo_megatron.trainer.engines import sync_weights
+from srpo_megatron.trainer.engines import start_engine
 from srpo_megatron.trainer.evaluation import evaluate
 from srpo_megatron.trainer.header import print_start_header
 from srpo_megatron.trainer.metrics import PhaseTimer, from_last_stage, reduce_train_metrics
@@ -46,7 +47,6 @@ from srpo_megatron.trainer.setup import (
     open_run_dir,
     resume_if_any,
     start_distributed,
-    start_engine,
 )
 
 
@@ -54,23 +54,27 @@ from srpo_megatron.trainer.setup import (
 class RunResult:
     metrics: dict[str, float]  # the last step's
     actor: MegatronActor
-    engine: object  # the rollout engine on its owner rank, None elsewhere
+    engine: RolloutEngine | None  # the rollout engine on global rank 0, None elsewhere
 
 
 def train(cfg: Config) -> RunResult:
     start_distributed(cfg)
-    lock = engine = None
+    lock = engine = weight_sync = None
     try:
         lock, resume = open_run_dir(cfg)
         hf_config, tokenizer, dataset = load_run_inputs(cfg)
         print_start_header(cfg, hf_config, dataset, resume)
-        engine = start_engine(cfg, tokenizer)
-        return _train(build_run(cfg, hf_config, tokenizer, dataset, engine), resume)
+        engine, weight_sync = start_engine(cfg, tokenizer)
+        return _train(build_run(cfg, hf_config, tokenizer, dataset, engine, weight_sync), resume)
     finally:
-        if hasattr(engine, "shutdown"):  # SGLang: stop the servers this run launched
-            engine.shutdown()
-        if lock is not None:
-            lock.close()
+        try:
+            if weight_sync is not None:  # disaggregated: the engines leave this run's groups
+                weight_sync.close()
+        finally:
+            if engine is not None:  # SGLang: stop the servers this run launched
+                engine.shutdown()
+            if lock is not None:
+                lock.close()
 
 
 def _train(run: Run, resume: Path | None) -> RunResult:
@@ -78,7 +82,7 @@ def _train(run: Run, resume: Path | None) -> RunResult:
     start = resume_if_any(run, resume)
     # The engine starts from the actor's weights: the same HF weights on a fresh start, the
     # checkpoint's on a resume.
-    sync_weights(run.actor, run.engine, cfg, run.hf_config)
+    run.weight_sync.sync(run.actor.student, run.hf_config)
     metrics, rewards = {}, []
     for step in range(start + 1, cfg.train.total_steps + 1):
         metrics = train_step(run, step)
@@ -145,7 +149,7 @@ def train_step(run: Run, step: int) -> dict[str, float]:
         if any(m["update_ok"] for m in train_metrics):
             actor.update_teacher(alg.ema_decay)
         with timer("sync"):
-            sync_metrics = sync_weights(actor, run.engine, cfg, run.hf_config)
+            sync_metrics = run.weight_sync.sync(actor.student, run.hf_config)
 
     metrics = rollout_metrics(batch, rewards, routing, alg.variant)
     metrics |= reduce_teacher_entropy(teacher, dp_group)

@@ -2,8 +2,9 @@
 run directory and the checkpoint to resume from (``open_run_dir``), what the run loads
 (``load_run_inputs``: each checked at start with a UserError that names the key or the file and
 row: the model's config.json against the layout, the tokenizer, the training prompts, every row's
-data_source with a reward function), the rollout engines (``start_engine``), the actor and the
-rest of the ``Run`` (``build_run``), then the checkpoint's state (``resume_if_any``)."""
+data_source with a reward function), the rollout engines and their weight sync
+(``engines.start_engine``), the actor and the rest of the ``Run`` (``build_run``), then the
+checkpoint's state (``resume_if_any``)."""
 
 import math
 import os
@@ -21,6 +22,8 @@ from srpo_megatron.data.tokenizer import load_tokenizer
 from srpo_megatron.errors import UserError
 from srpo_megatron.models.qwen3.config import Qwen3Arch, load_hf_config
 from srpo_megatron.rewards.registry import check_reward_fn
+from srpo_megatron.rollout.engine import RolloutEngine
+from srpo_megatron.rollout.weight_sync import WeightSync
 from srpo_megatron.runtime.distributed import ParallelLayout, from_rank_0, init_distributed
 from srpo_megatron.trainer.actor import MegatronActor
 from srpo_megatron.trainer.checkpoint import (
@@ -28,7 +31,6 @@ from srpo_megatron.trainer.checkpoint import (
     find_resume_checkpoint,
     load_checkpoint,
 )
-from srpo_megatron.trainer.engines import make_engine
 from srpo_megatron.trainer.evaluation import BestWithinBudget, load_eval_prompts
 from srpo_megatron.trainer.metrics import MetricsLogger
 from srpo_megatron.trainer.run_dir import lock_run_dir, refuse_to_start_over, restore_metrics
@@ -94,7 +96,8 @@ class Run:
     tokenizer: object
     dataset: object
     actor: MegatronActor
-    engine: object
+    engine: RolloutEngine | None  # on global rank 0, None elsewhere
+    weight_sync: WeightSync
     logger: MetricsLogger
     routing_rng: torch.Generator
     eval_prompts: list
@@ -140,28 +143,7 @@ def open_run_dir(cfg: Config):
     return lock, path
 
 
-def start_engine(cfg: Config, tokenizer):
-    """Rank 0 starts the rollout engine(s) before any rank builds the actor: launched SGLang sizes
-    its KV cache on GPUs that are still empty, and colocated engines then give their memory back
-    until the first weight sync. A failure there stops every rank. None on the other ranks."""
-    engine = None
-
-    def start() -> None:
-        nonlocal engine
-        started = make_engine(cfg, tokenizer)
-        try:
-            started.release_memory()
-        except BaseException:
-            if hasattr(started, "shutdown"):
-                started.shutdown()
-            raise
-        engine = started
-
-    from_rank_0(start, "starting the rollout engine")
-    return engine
-
-
-def build_run(cfg: Config, hf_config: dict, tokenizer, dataset, engine) -> Run:
+def build_run(cfg: Config, hf_config: dict, tokenizer, dataset, engine, weight_sync) -> Run:
     updates_per_step = cfg.train.prompts_per_step // cfg.train.mini_batch_prompts
     return Run(
         cfg=cfg,
@@ -170,6 +152,7 @@ def build_run(cfg: Config, hf_config: dict, tokenizer, dataset, engine) -> Run:
         dataset=dataset,
         actor=MegatronActor(cfg, hf_config, optimizer_steps=cfg.train.total_steps * updates_per_step),
         engine=engine,
+        weight_sync=weight_sync,
         logger=MetricsLogger(
             cfg.output_dir,
             enabled=dist.get_rank() == 0,

@@ -13,12 +13,13 @@ from srpo_megatron.rollout.sglang_engine import (
     MEMORY_TAGS,
     EngineError,
     SGLangEngine,
+    WeightSyncError,
     request_seed,
     sampling_params_dict,
     serialize_tensors,
 )
 from srpo_megatron.rollout.sglang_fleet import SGLangFleet
-from srpo_megatron.rollout.weight_sync.broadcast import WeightSyncError, _wait, update_message
+from srpo_megatron.rollout.weight_sync.broadcast import _wait, update_message
 from srpo_megatron.rollout.weight_sync.buckets import flatten_bucket
 
 HAS_SGLANG = importlib.util.find_spec("sglang") is not None
@@ -115,18 +116,22 @@ def test_weight_update_requests_carry_the_protocol_message():
     _wait([("e0", engine.request_receive(message))], "bucket 0", timeout_s=5)
     assert fake.calls[-1] == ("update_weights_from_distributed", message)
     assert engine.world_size == 2
-    engine.update_weights([("model.norm.weight", torch.ones(4))])
+    engine.update_weights_serialized(["rank0", "rank1"])
     _, kwargs = fake.calls[-1]
-    assert kwargs["load_format"] is None and kwargs["flush_cache"] is False
+    assert kwargs == {
+        "serialized_named_tensors": ["rank0", "rank1"],
+        "load_format": None,
+        "flush_cache": False,
+    }
+    with pytest.raises(ValueError, match="'e0' has 2 TP ranks, got 1 payloads"):
+        engine.update_weights_serialized(["rank0"])
     engine.release_memory()
     assert fake.calls[-1] == ("release", None)
 
 
 def test_fleet_splits_prompts_over_engines_and_tracks_released_memory():
     fakes = [FakeEngine(finish="stop"), FakeEngine(finish="stop")]
-    fleet = SGLangFleet(
-        [SGLangEngine(f, name=f"e{i}") for i, f in enumerate(fakes)], colocated=True, bucket_bytes=1 << 20
-    )
+    fleet = SGLangFleet([SGLangEngine(f, name=f"e{i}") for i, f in enumerate(fakes)], colocated=True)
     finished = []  # progress: each engine's samples as its share comes back
     batch = fleet.generate(
         [[1], [2, 2], [3, 3, 3]], SamplingParams(n=2, max_new_tokens=4, seed=3), finished.append
@@ -157,23 +162,19 @@ def test_fleet_splits_prompts_over_engines_and_tracks_released_memory():
         ]
     # colocated loads: engine i gets the payloads made on its own GPUs, in rank order
     wide = [FakeEngine(), FakeEngine()]
-    fleet = SGLangFleet([SGLangEngine(f, tp_size=2) for f in wide], colocated=True, bucket_bytes=1)
+    fleet = SGLangFleet([SGLangEngine(f, tp_size=2) for f in wide], colocated=True)
     fleet.load_serialized(["gpu0", "gpu1", "gpu2", "gpu3"])
     assert [f.calls[-1][1]["serialized_named_tensors"] for f in wide] == [["gpu0", "gpu1"], ["gpu2", "gpu3"]]
     with pytest.raises(ValueError, match="3 payloads for 2 engines x TP 2"):
         fleet.load_serialized(["gpu0", "gpu1", "gpu2"])
     # every session is closed even when one engine refuses; the first refusal is raised
     refusing, fine = FakeEngine(answer=(False, "no session open")), FakeEngine()
-    fleet = SGLangFleet(
-        [SGLangEngine(refusing, name="r"), SGLangEngine(fine)], colocated=True, bucket_bytes=1
-    )
+    fleet = SGLangFleet([SGLangEngine(refusing, name="r"), SGLangEngine(fine)], colocated=True)
     with pytest.raises(WeightSyncError, match="'r' refused end_weight_update: no session open"):
         fleet.end_weight_update(flush=False)
     assert refusing.calls == [("end",)] and fine.calls == [("end",)]
     fleet.connect()  # servers started elsewhere: a session left open by a crashed run is closed, quietly
     assert refusing.calls == [("end",)] * 2 and fine.calls == [("end",)] * 2
-    with pytest.raises(ValueError, match="disaggregated engines need a sync_address"):
-        SGLangFleet([SGLangEngine(FakeEngine())], colocated=False, bucket_bytes=1)
 
 
 def test_fleet_refuses_servers_started_without_the_flags_the_run_needs():
@@ -194,12 +195,12 @@ def test_fleet_refuses_servers_started_without_the_flags_the_run_needs():
     ]
     for server_args, fleet_args, message in cases:
         fake = FakeEngine(**server_args)
-        fleet = SGLangFleet([SGLangEngine(fake, name="e0")], colocated=True, bucket_bytes=1, **fleet_args)
+        fleet = SGLangFleet([SGLangEngine(fake, name="e0")], colocated=True, **fleet_args)
         with pytest.raises(EngineError, match=f"engine 'e0' runs with {message}"):
             fleet.connect()
         assert fake.calls == []  # refused before anything else was asked of it
     deterministic = FakeEngine(enable_deterministic_inference=True)
-    SGLangFleet([SGLangEngine(deterministic)], colocated=True, bucket_bytes=1, deterministic=True).connect()
+    SGLangFleet([SGLangEngine(deterministic)], colocated=True, deterministic=True).connect()
 
 
 def test_refusal_death_and_timeout_are_clear_errors():
@@ -207,7 +208,7 @@ def test_refusal_death_and_timeout_are_clear_errors():
     with pytest.raises(WeightSyncError, match="'e1' refused bucket 3: shape mismatch for q_proj"):
         _wait([("e1", refusing.request_receive({"names": []}))], "bucket 3", timeout_s=5)
     with pytest.raises(WeightSyncError, match="'e1' refused update_weights_from_tensor: shape mismatch"):
-        refusing.update_weights([("x", torch.ones(1))])
+        refusing.update_weights_serialized(["rank0"])
     with pytest.raises(EngineError, match="'e1': shutdown failed: ConnectionRefusedError"):
         refusing.call("shutdown")
     slow = SGLangEngine(FakeEngine(delay=2.0), name="e2", timeout_s=0.2)
@@ -282,7 +283,8 @@ def test_real_sglang_colocated_update_release_resume_generate(tmp_path):
         engine.release_memory()
         engine.resume_memory(tags=["weights"])
         engine.begin_weight_update()
-        engine.update_weights([(n, p.detach()) for n, p in target.named_parameters()])
+        named = [(n, p.detach()) for n, p in target.named_parameters()]
+        engine.update_weights_serialized([serialize_tensors(named)])
         engine.end_weight_update()
         engine.resume_memory(tags=[t for t in MEMORY_TAGS if t != "weights"])
         engine.flush_cache()

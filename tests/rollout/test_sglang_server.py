@@ -9,10 +9,9 @@ import torch
 from tiny_qwen3 import tiny_qwen3_config
 
 from srpo_megatron.rollout.engine import SamplingParams
-from srpo_megatron.rollout.sglang_engine import EngineError, SGLangEngine
+from srpo_megatron.rollout.sglang_engine import EngineError, SGLangEngine, WeightSyncError, serialize_tensors
 from srpo_megatron.rollout.sglang_fleet import SGLangFleet
 from srpo_megatron.rollout.sglang_server import ServerSpec, launch_server, wait_until_healthy
-from srpo_megatron.rollout.weight_sync.broadcast import WeightSyncError
 from srpo_megatron.runtime.distributed import find_free_port
 
 FAKE = "srpo_megatron.testing.fake_sglang_server"
@@ -87,12 +86,13 @@ def test_http_engine_generates_and_reports_refusals(server):
     engine.release_memory()
     engine.resume_memory(["weights"])
     torch.multiprocessing.set_sharing_strategy("file_system")  # CPU tensors to a process not ours
+    norm = [("model.norm.weight", torch.full((64,), 3.0))]
     with pytest.raises(WeightSyncError, match="must run between begin_weight_update"):
-        engine.update_weights([("model.norm.weight", torch.full((64,), 3.0))])
+        engine.update_weights_serialized([serialize_tensors(norm)])
     engine.begin_weight_update()
     with pytest.raises(WeightSyncError, match="already open"):
         engine.begin_weight_update()
-    engine.update_weights([("model.norm.weight", torch.full((64,), 3.0))])
+    engine.update_weights_serialized([serialize_tensors(norm)])
     engine.end_weight_update()
     engine.resume_memory(["kv_cache", "cuda_graph"])
     engine.flush_cache()  # a plain-text answer
@@ -102,7 +102,7 @@ def test_http_engine_generates_and_reports_refusals(server):
 
 def _wrong_shape_load(engine):
     engine.begin_weight_update()
-    engine.update_weights([("model.norm.weight", torch.ones(2))])
+    engine.update_weights_serialized([serialize_tensors([("model.norm.weight", torch.ones(2))])])
 
 
 def _resume_never_released(engine):
@@ -138,7 +138,7 @@ def test_server_dies_where_sglang_does_and_the_caller_gets_one_clear_error(
             Exception, match=f"engine '{server.url}': {call} failed: the server closed the connection"
         ):
             act(engine)
-        fleet = SGLangFleet([engine], colocated=True, bucket_bytes=1)
+        fleet = SGLangFleet([engine], colocated=True)
         fleet.end_weight_update(flush=False, quiet=True)  # the clean-up after a failed load
         assert time.monotonic() - start < 30
         assert server.process.wait(timeout=30) == 1
@@ -150,7 +150,7 @@ def test_server_without_memory_saver_releases_nothing_and_colocated_runs_refuse_
         engine = SGLangEngine.connect(server.url, timeout_s=60)
         engine.release_memory()  # succeeds and frees nothing, as in SGLang
         assert len(engine.generate([[1]], SamplingParams(max_new_tokens=2, seed=0))) == 1
-        fleet = SGLangFleet([engine], colocated=True, bucket_bytes=1)
+        fleet = SGLangFleet([engine], colocated=True)
         with pytest.raises(
             EngineError, match="enable_memory_saver=False: start it with --enable-memory-saver"
         ):

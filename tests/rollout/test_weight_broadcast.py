@@ -11,15 +11,15 @@ import pickle
 import pytest
 import torch
 import torch.distributed as dist
+from loopback import LoopbackEngineHandle, serve_requests
 from tiny_qwen3 import TINY_QWEN3
 
+from srpo_megatron.rollout.sglang_engine import WeightSyncError
 from srpo_megatron.rollout.weight_sync.broadcast import (
     BroadcastWeightReceiver,
     BroadcastWeightSender,
     GroupAddress,
-    WeightSyncError,
 )
-from srpo_megatron.rollout.weight_sync.loopback import LoopbackEngineHandle, serve_requests
 from srpo_megatron.runtime.distributed import find_free_port
 from srpo_megatron.runtime.launch import run_distributed
 
@@ -97,11 +97,12 @@ def stage_tensors(model, stage: int, num_stages: int):
             yield name, tensor.detach()
 
 
-def hf_stage_senders(address, requests, replies):
+def hf_stage_senders(ports, requests, replies):
     """Rank r of this world is the source of PP stage r of an HF Qwen3 and has its own group."""
     stage, stages = dist.get_rank(), dist.get_world_size()
     engine = LoopbackEngineHandle(requests, replies, client_id=stage, name="receiver")
-    sender = BroadcastWeightSender([engine], address.for_stage(stage), bucket_bytes=64 * 1024, timeout_s=60)
+    address = GroupAddress("127.0.0.1", ports[stage], f"weights_pp{stage}", backend="gloo")
+    sender = BroadcastWeightSender([engine], address, bucket_bytes=64 * 1024, timeout_s=60)
     sender.connect()
     report = {}
 
@@ -138,9 +139,9 @@ def hf_stage_senders(address, requests, replies):
 
 def test_each_pp_stage_broadcasts_its_own_layers_bitwise():
     proc, requests, replies = start_receiver(num_clients=2)
-    address = GroupAddress("127.0.0.1", find_free_port(), "weights", backend="gloo")
+    ports = [find_free_port() for _ in range(2)]
     reports = run_distributed(
-        hf_stage_senders, world_size=2, megatron=False, args=(address, requests, replies), timeout=150
+        hf_stage_senders, world_size=2, megatron=False, args=(ports, requests, replies), timeout=150
     )
     proc.join(timeout=30)
     assert proc.exitcode == 0
@@ -256,16 +257,14 @@ def make_hf_checkpoint(hf_dir):
 def megatron_logp(model, tokens, vocab_size, temperature):
     """log softmax(logits / temperature) at the next token, TP=1 or 2, PP=1: [B, S-1]."""
     from megatron.core import parallel_state as ps
-    from tiny_qwen3 import mask_padded_vocab
 
     batch, seq = tokens.shape
     with torch.no_grad():
         logits = model(tokens, torch.arange(seq).expand(batch, seq), attention_mask=None)  # [B, S, Vp/tp]
-    tp, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
-    logits = mask_padded_vocab(logits.float(), vocab_size, tp_rank * logits.shape[-1])
-    shards = [torch.empty_like(logits) for _ in range(tp)]
+    shards = [torch.empty_like(logits) for _ in range(ps.get_tensor_model_parallel_world_size())]
     dist.all_gather(shards, logits.contiguous(), group=ps.get_tensor_model_parallel_group())
-    logp = (torch.cat(shards, -1)[:, :-1] / temperature).log_softmax(-1)  # [B, S-1, Vp]
+    logits = torch.cat(shards, -1)[:, :-1, :vocab_size].float()  # [B, S-1, V]: the padding cut off
+    logp = (logits / temperature).log_softmax(-1)
     return logp.gather(-1, tokens[:, 1:, None]).squeeze(-1)
 
 
@@ -282,7 +281,7 @@ def megatron_senders(hf_dir, ports, requests, replies):
     from srpo_megatron.rollout.hf_engine import HFEngine
     from srpo_megatron.rollout.metrics import logp_gap
     from srpo_megatron.rollout.weight_sync.broadcast import megatron_sync_role, send_or_drain
-    from srpo_megatron.rollout.weight_sync.tensor import sync_weights_in_process
+    from srpo_megatron.rollout.weight_sync.in_process import InProcessWeightSync
     from srpo_megatron.runtime.distributed import ParallelLayout, init_distributed
 
     config = load_hf_config(hf_dir)
@@ -316,16 +315,14 @@ def megatron_senders(hf_dir, ports, requests, replies):
 
     # with synced weights: the HF engine's rollout log-probs vs the actor's, same sampled tokens
     engine = HFEngine(tiny_hf_model(seed=7, vocab_size=1100)) if rank == 0 else None
-    stream = export_hf_tensors(model, config)
+    InProcessWeightSync(engine, bucket_bytes=100 * 1024).sync(model, config)
     if engine is not None:
-        sync_weights_in_process(stream, [engine])
         batch = engine.generate(
             [[5, 6, 7], [1, 2, 3, 4, 5, 9]], SamplingParams(n=2, temperature=0.8, max_new_tokens=6, seed=3)
         )
         seqs = [p + r for p, r in zip(batch.prompt_ids, batch.response_ids, strict=True)]
         payload = [(seqs, [len(p) for p in batch.prompt_ids], batch.rollout_logp)]
     else:
-        send_or_drain(stream, None)
         payload = [None]
     dist.broadcast_object_list(payload, src=0)
     seqs, prompt_lens, rollout_logp = payload[0]

@@ -12,6 +12,7 @@ from tiny_training import parity_reward
 
 from srpo_megatron.config import load_config
 from srpo_megatron.trainer import loop, rollouts, setup
+from srpo_megatron.trainer.engines import start_engine
 from srpo_megatron.trainer.teacher import iter_main_shards
 
 
@@ -38,10 +39,10 @@ def train_steps_in_ranks(overrides: list[str], steps: int):
     cfg = load_config(["configs/tiny_cpu.yaml"], overrides)
     setup.start_distributed(cfg)
     hf_config, tokenizer, dataset = setup.load_run_inputs(cfg)
-    run = setup.build_run(cfg, hf_config, tokenizer, dataset, setup.start_engine(cfg, tokenizer))
+    run = setup.build_run(cfg, hf_config, tokenizer, dataset, *start_engine(cfg, tokenizer))
     actor = run.actor
     initial = {n: p.detach().clone() for n, p in actor.student.named_parameters()}
-    loop.sync_weights(actor, run.engine, cfg, run.hf_config)
+    run.weight_sync.sync(actor.student, run.hf_config)
     out = {"initial": initial, "metrics": [], "main": [], "teacher": []}
     for step in range(1, steps + 1):
         out["metrics"].append(loop.train_step(run, step))

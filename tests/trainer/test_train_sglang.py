@@ -117,12 +117,12 @@ def external_server(tiny_run_inputs, tmp_path):
         server.stop()
 
 
-def test_disaggregated_engine_at_a_url_receives_every_stage_by_broadcast(
+def test_disaggregated_engine_at_a_url_receives_each_stage_from_its_own_source_rank(
     tiny_run_inputs, tmp_path, external_server
 ):
-    """PP=2: stage 1's tensors reach rank 0, which broadcasts everything to the engine; after the
-    run the engine holds exactly the trained weights (those of the run's HF export). A second run
-    (a restart, a resume) then joins the same server again."""
+    """PP=2: each stage's source rank broadcasts its own layers to the engine, in a weight-update
+    group of its own; after the run the engine holds exactly the trained weights (those of the
+    run's HF export). A second run (a restart, a resume) then joins the same server again."""
     for run, steps in (("first", 2), ("second", 1)):
         overrides = _overrides(
             tiny_run_inputs,
@@ -144,10 +144,20 @@ def test_disaggregated_engine_at_a_url_receives_every_stage_by_broadcast(
     assert not any(c.startswith(("release", "resume", "update_weights_from_tensor")) for c in calls)
     syncs = (1 + 2) + (1 + 1)  # each run: the start, then every step
     assert sum(c.startswith("update_weights_from_distributed") for c in calls) >= 2 * syncs  # 2+ buckets
-    # each run joined once and left at its end, under a group name of its own
+    # one session per sync; each run first ends any session a crashed run may have left open
+    assert calls.count("begin_weight_update ") == syncs == calls.count("end_weight_update ") - 2
+    # each run joined one group per stage once and left both at its end, under names of its own
     joins = [c.split()[1] for c in calls if c.startswith("init_weights_update_group")]
     leaves = [c.split()[1] for c in calls if c.startswith("destroy_weights_update_group")]
-    assert len(set(joins)) == 2 and leaves == joins
+    assert len(set(joins)) == 4 and sorted(leaves) == sorted(joins)
+    runs = {name.rsplit("_pp", 1)[0] for name in joins}
+    assert len(runs) == 2 and sorted(joins) == sorted(f"{run}_pp{stage}" for run in runs for stage in (0, 1))
+    # every sync: one session, inside which the buckets of both stages' groups arrive
+    begin = calls.index("begin_weight_update ")
+    session = calls[begin + 1 : calls.index("end_weight_update ", begin)]
+    assert {c.split()[0] for c in session} == {"update_weights_from_distributed"}
+    first_run = joins[0].rsplit("_pp", 1)[0]
+    assert {c.split()[1] for c in session} == {f"{first_run}_pp0", f"{first_run}_pp1"}
 
     held = SGLangHTTPClient(external_server.url)._post("weights_checksums")
     held = {k: tuple(v) for k, v in held.items()}

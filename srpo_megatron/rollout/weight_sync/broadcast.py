@@ -1,4 +1,5 @@
-"""Disaggregated weight sync: the trainer broadcasts HF-named buckets to rollout engines.
+"""Disaggregated weight sync: each pipeline stage's source rank broadcasts its own layers to the
+SGLang engines in a weight-update group of its own (``BroadcastWeightSync``).
 
 The protocol is SGLang's (read in the sglang 0.5.23 wheel: ``srt/model_executor/
 model_runner_components/weight_updater.py`` ``init_weights_update_group`` /
@@ -19,17 +20,19 @@ model_runner_components/weight_updater.py`` ``init_weights_update_group`` /
    The request returns ``(success, message)`` once the bucket is loaded.
 3. leave, at the end of the run: ``destroy_weights_update_group(group_name)``.
 
-Pipeline parallelism: each PP stage's source rank (TP rank 0, DP rank 0: where the exporter yields
-that stage's tensors) owns one weight-update group, ``f"{group_name}_pp{stage}"`` on port
-``master_port + stage``, and sends its own layers; engines join one group per stage (SGLang keeps a
-dict of groups by name). Nothing funnels through one rank, and no rank holds more than one bucket.
-An engine serves update requests one at a time, so stages take turns at each engine while
-their senders prepare the next bucket in parallel. (The trainer does not use per-stage groups yet:
-it funnels later stages to rank 0 and sends everything from one group, ``trainer/engines.py``.)
+Pipeline parallelism, as slime does it: each PP stage's source rank (TP rank 0, DP rank 0: where
+the exporter yields that stage's tensors) hosts a group of its own, ``f"{group_name}_pp{stage}"``
+at its own address and port, reaches every engine over HTTP itself (an ``SGLangEngine`` per URL)
+and sends its own layers; every engine joins one group per stage (SGLang keeps its groups by
+name). Nothing funnels through one rank, and no rank holds more than two flat buckets. An engine
+serves update requests one at a time, so the stages take turns at each engine while their senders
+prepare the next bucket. On CPU/gloo at PP=2 this takes about half the time of funnelling stage
+1 through rank 0 (``benchmarks/weight_sync.py``: ratio 0.43 to 0.57). Global rank 0 holds the
+fleet and opens and closes every engine's weight-update session around the stages' sends.
 
 ``BroadcastWeightReceiver`` is the engine side of that protocol in plain torch: the CPU/gloo tests
-run it in another process in front of an HF model, which is how we know the messages and byte
-layout are right without SGLang.
+and the stand-in server (``testing/fake_sglang_server.py``) run it in front of an HF model, which
+is how we know the messages and byte layout are right without SGLang.
 """
 
 import datetime
@@ -43,6 +46,9 @@ from typing import Any, Protocol
 import torch
 import torch.distributed as dist
 
+from srpo_megatron.models.qwen3.exporter import export_hf_tensors
+from srpo_megatron.rollout.sglang_engine import SGLangEngine, WeightSyncError, as_result
+from srpo_megatron.rollout.sglang_fleet import SGLangFleet
 from srpo_megatron.rollout.weight_sync.buckets import (
     DEFAULT_BUCKET_BYTES,
     BucketMeta,
@@ -54,13 +60,10 @@ from srpo_megatron.rollout.weight_sync.buckets import (
     parse_dtype,
     unflatten_bucket,
 )
+from srpo_megatron.runtime.distributed import find_free_port, from_rank_0, host_group
 
 FLATTENED_BUCKET = "flattened_bucket"
 CLEANUP_TIMEOUT_S = 30.0
-
-
-class WeightSyncError(RuntimeError):
-    """An engine died, timed out or refused a weight update; the engine's weights are suspect."""
 
 
 class WeightReceiverHandle(Protocol):
@@ -95,12 +98,6 @@ class GroupAddress:
     master_port: int
     group_name: str
     backend: str = "nccl"
-
-    def for_stage(self, pp_rank: int) -> "GroupAddress":
-        """The group of PP stage ``pp_rank``: its own port and name."""
-        return GroupAddress(
-            self.master_address, self.master_port + pp_rank, f"{self.group_name}_pp{pp_rank}", self.backend
-        )
 
 
 @dataclass
@@ -177,20 +174,6 @@ class WeightsUpdateGroup:
         self._group = None
 
 
-def as_result(answer: Any) -> tuple[bool, str]:
-    """SGLang answers ``(success, message)`` (in-process), ``{"success", "message"}`` (HTTP) or an
-    output object with those fields; ``None`` is a plain success."""
-    if answer is None:
-        return True, ""
-    if isinstance(answer, tuple):
-        return bool(answer[0]), str(answer[1]) if len(answer) > 1 else ""
-    if isinstance(answer, dict):
-        return bool(answer.get("success", True)), str(answer.get("message", ""))
-    if hasattr(answer, "success"):
-        return bool(answer.success), str(getattr(answer, "message", ""))
-    return True, str(answer)
-
-
 def _wait(futures: Sequence[tuple[str, Future]], what: str, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     for name, future in futures:
@@ -210,7 +193,7 @@ class BroadcastWeightSender:
     """The trainer side on one source rank (one PP stage): join once, then ``send`` every step.
 
     engines: every replica that must receive; they all join one group and get every bucket from
-    one broadcast. address: this stage's group (``GroupAddress.for_stage``).
+    one broadcast. address: this stage's group.
     """
 
     def __init__(
@@ -436,6 +419,110 @@ class BroadcastWeightReceiver:
             return False, f"no group {group_name!r}"
         member.destroy()
         return True, f"destroyed {group_name!r}"
+
+
+class BroadcastWeightSync:
+    """Disaggregated SGLang engines (module docstring). Every rank calls ``sync`` and ``close``.
+
+    fleet: the run's engines on global rank 0 (None elsewhere), which opens and closes their
+    weight-update sessions. sender, engines: on each stage's source rank, its stage's group and its
+    own HTTP adapters of the engines (None and empty elsewhere). Made by ``connect``.
+    """
+
+    def __init__(
+        self,
+        fleet: SGLangFleet | None,
+        sender: BroadcastWeightSender | None = None,
+        engines: Sequence[SGLangEngine] = (),
+    ):
+        self.fleet = fleet
+        self.sender = sender
+        self.engines = list(engines)
+
+    @classmethod
+    def connect(
+        cls,
+        fleet: SGLangFleet | None,
+        urls: Sequence[str],
+        *,
+        engine_tp: int,
+        group_name: str,
+        master_address: str,
+        bucket_bytes: int,
+        timeout_s: float,
+    ) -> "BroadcastWeightSync":
+        """Every rank, once per run: each stage's source rank reaches the engines at ``urls`` and has
+        them join its stage's group, hosted at ``master_address`` (where the engines reach this
+        rank) on a free port. A failure on any rank is raised on every rank."""
+        _, sends, stage = megatron_sync_role()
+        sender, engines, error = None, [], None
+        if sends:
+            try:
+                engines = [SGLangEngine.connect(u, tp_size=engine_tp, timeout_s=timeout_s) for u in urls]
+                backend = "nccl" if torch.cuda.is_available() else "gloo"
+                address = GroupAddress(master_address, find_free_port(), f"{group_name}_pp{stage}", backend)
+                device = (
+                    torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+                )
+                sender = BroadcastWeightSender(
+                    engines, address, bucket_bytes=bucket_bytes, timeout_s=timeout_s, device=device
+                )
+                sender.connect()
+            except Exception as e:
+                error = e
+        sync = cls(fleet, sender, engines)
+        try:
+            _sum_over_ranks(0, error, "joining the engines' weight-update groups")
+        except BaseException:
+            sync.close()
+            raise
+        return sync
+
+    def sync(self, model: torch.nn.Module, hf_config: dict) -> dict[str, float]:
+        """Rank 0 opens every engine's weight-update session; each stage's source rank broadcasts
+        its stage; once every rank is done (or has failed: then every rank raises), rank 0 closes
+        the sessions and flushes the engines' caches. ``sync/bytes`` on rank 0: every stage's."""
+        exports, _, _ = megatron_sync_role()
+        from_rank_0(lambda: self.fleet.begin_weight_update(), "opening the engines' weight-update sessions")
+        num_bytes, error = 0, None
+        try:
+            if exports:
+                num_bytes = send_or_drain(export_hf_tensors(model, hf_config), self.sender).num_bytes
+        except Exception as e:
+            error = e
+        try:
+            num_bytes = _sum_over_ranks(num_bytes, error, "the weight broadcast")
+        except BaseException:
+            if self.fleet is not None:
+                self.fleet.end_weight_update(flush=False, quiet=True)
+            raise
+        from_rank_0(lambda: self.fleet.end_weight_update(), "finishing the weight update")
+        return {"sync/bytes": float(num_bytes)} if self.fleet is not None else {}
+
+    def close(self) -> None:
+        """Leave this rank's stage group, and have the engines leave it (no collective: each source
+        rank leaves its own group; rank 0's fleet stops launched servers after its own)."""
+        try:
+            if self.sender is not None:
+                self.sender.close()
+        finally:
+            for engine in self.engines:
+                engine.shutdown()
+
+
+def _sum_over_ranks(value: int, error: Exception | None, what: str) -> int:
+    """The sum of ``value`` over every rank, once every rank has reached this point; an error on
+    any rank is raised on every rank (its own there, a ``WeightSyncError`` naming it elsewhere), so
+    that no rank is left waiting in a later collective. The ranks meet on the CPU (``host_group``)."""
+    outcomes = [None] * dist.get_world_size()
+    failure = None if error is None else f"{type(error).__name__}: {error}"
+    dist.all_gather_object(outcomes, (failure, value), group=host_group())
+    if error is not None:
+        raise error
+    for rank, (failure, _) in enumerate(outcomes):
+        if failure is not None:
+            raise WeightSyncError(f"{what} failed on rank {rank}: {failure}")
+    return sum(v for _, v in outcomes)
 
 
 def megatron_sync_role() -> tuple[bool, bool, int]:

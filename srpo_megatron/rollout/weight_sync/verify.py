@@ -4,9 +4,9 @@ A checksum per tensor is ``(sum in float64, sha256 of the raw bytes)``: the hash
 flip, the sum tells a reader *how far* off a mismatch is (a transposed or wrongly split tensor keeps
 its sum; a scaled or stale one does not). On the trainer side ``record_checksums`` wraps the
 exported stream (one pass, nothing kept but the checksums); on the engine side the HF engine gives
-``named_weights()``. SGLang exposes only a truncated view of a weight (``get_weights_by_name(name,
-truncate_size)``), so for it ``compare_weight_heads`` checks the first values of each tensor.
-Verifying costs a hash over every byte: run it on the first step and every N steps, not always.
+``named_weights()`` (``rollout.verify_sync``, HF engine only: SGLang shows a truncated view of a
+weight at most; the tests read the stand-in server's checksums instead). Verifying costs a hash
+over every byte, on every sync.
 """
 
 import hashlib
@@ -47,23 +47,4 @@ def compare_checksums(expected: Mapping[str, Checksum], actual: Mapping[str, Che
         sum_actual, hash_actual = actual[name]
         if hash_actual != hash_expected:
             problems.append(f"{name}: bytes differ (sum trainer {sum_expected:.6g}, engine {sum_actual:.6g})")
-    return problems
-
-
-def compare_weight_heads(
-    named_tensors: Iterable[tuple[str, torch.Tensor]], engine, truncate_size: int = 100
-) -> list[str]:
-    """For SGLang: compare the first ``truncate_size`` values of each tensor with the engine's."""
-    problems = []
-    for name, tensor in named_tensors:
-        head = engine.call("get_weights_by_name", name=name, truncate_size=truncate_size)
-        if head is None:
-            problems.append(f"{name}: the engine does not know it")
-            continue
-        got = torch.as_tensor(head, dtype=torch.float32).reshape(-1)
-        want = tensor.detach().float().reshape(-1)[: got.numel()].cpu()
-        if not torch.equal(got, want):
-            problems.append(
-                f"{name}: first {got.numel()} values differ (max |diff| {(got - want).abs().max():.3g})"
-            )
     return problems

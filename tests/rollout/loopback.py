@@ -1,9 +1,11 @@
-"""An engine endpoint in another local process, reached through multiprocessing queues.
+"""An engine endpoint in another local process, reached through multiprocessing queues (a test
+helper, also imported by ``benchmarks/weight_sync.py``).
 
-The CPU stand-in for the HTTP / in-process RPC channel to an SGLang engine: the sending rank holds a
+The CPU stand-in for the HTTP channel to an SGLang engine: the sending rank holds a
 ``LoopbackEngineHandle`` (a ``WeightReceiverHandle``), the engine process runs ``serve_requests``
-in front of a ``BroadcastWeightReceiver`` (or anything with the same method names). Used by the
-weight-sync tests and ``benchmarks/weight_sync.py``; the collectives themselves are real.
+in front of a ``BroadcastWeightReceiver`` (or anything with the same method names); the
+collectives themselves are real. (The trainer's HTTP path runs against the stand-in server,
+``srpo_megatron/testing/fake_sglang_server.py``.)
 """
 
 import queue
