@@ -4,6 +4,7 @@ off and on.
 
     .venv/bin/python benchmarks/activation_memory.py       # 10 modes; 10 min on 2 cores shared with other work
     .venv/bin/python benchmarks/activation_memory.py --layers 2 --rows 2 --seq-len 512 --modes none full_uniform_1
+    python benchmarks/activation_memory.py --device cuda --hidden 4096   # one GPU (scripts/gpu_check.py)
 
 Model: Megatron's GPTModel with the local spec (the spec that runs on CPU; the TE spec the GPU plan
 assumes cannot run here), Qwen3's layer (RMSNorm, q/k norms, GQA, RoPE, SwiGLU), scaled down:
@@ -12,7 +13,11 @@ hidden 512, 8 heads over 2 KV heads of 64, FFN 1536, 4 layers, vocabulary 32,000
 the scored hidden states, gathered first under sequence parallelism: log-probs of the targets and
 at 100 ids per token), backward of their sum. Default micro-batch: 4 rows of 1,024 tokens.
 
-Measurement, per rank: the kernel's high-water mark of the resident set (``VmHWM``), reset right
+``--device cuda``: one process on one GPU, TP=1 (so no sequence parallelism), bf16, and the peak of
+torch's caching allocator (``torch.cuda.max_memory_allocated``) above what is allocated right
+before the measured pass: the local spec's terms of the plan on the GPU's own kernels.
+
+Measurement on CPU, per rank: the kernel's high-water mark of the resident set (``VmHWM``), reset right
 before the measured pass (``/proc/self/clear_refs``), minus the resident set then. Everything a
 pass allocates once and keeps (the parameters' gradients, Megatron's sequence-parallel gather
 buffer, gloo's buffers) exists already: one unmeasured pass of the same shape runs first, and the
@@ -35,7 +40,6 @@ from srpo_megatron.runtime.distributed import ParallelLayout
 from srpo_megatron.runtime.launch import run_distributed
 from srpo_megatron.trainer.memory_plan import ActivationShape, Recompute, activation_terms
 
-TP = 2
 TOPK = 100
 MIB = 2**20
 MODES = {
@@ -68,6 +72,10 @@ def _memory_kib(field: str) -> int:
         return next(int(line.split()[1]) for line in status if line.startswith(field + ":"))
 
 
+def _tp(args) -> int:
+    return 1 if args.device == "cuda" else 2
+
+
 def _training_pass(model, tokens, targets, gather_ids, vocab, chunk_tokens) -> None:
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
@@ -94,7 +102,7 @@ def _training_pass(model, tokens, targets, gather_ids, vocab, chunk_tokens) -> N
             chunk_size=chunk_tokens,
         )
 
-    position_ids = torch.arange(tokens.shape[1]).expand_as(tokens)
+    position_ids = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
     stats = model(tokens, position_ids, None, output_processor=hook)
     (stats.logp.sum() + stats.gathered_logp.sum()).backward()
 
@@ -105,19 +113,22 @@ def measure_modes(args, settings: list[tuple[str, bool]]) -> list[int]:
     from srpo_megatron.models.qwen3.provider import build_qwen3_model
     from srpo_megatron.trainer.actor import megatron_memory_settings
 
-    torch.set_num_threads(1)
-    m_mmap_threshold = -3  # glibc's mallopt parameter
-    ctypes.CDLL("libc.so.6").mallopt(m_mmap_threshold, 64 * 1024)
+    cuda = args.device == "cuda"
+    if not cuda:
+        torch.set_num_threads(1)
+        m_mmap_threshold = -3  # glibc's mallopt parameter
+        ctypes.CDLL("libc.so.6").mallopt(m_mmap_threshold, 64 * 1024)
     g = torch.Generator().manual_seed(0)  # the same inputs on both ranks
     num_tokens = args.rows * args.seq_len
-    tokens = torch.randint(0, args.vocab, (args.rows, args.seq_len), generator=g)
-    targets = torch.randint(0, args.vocab, (num_tokens,), generator=g)
-    gather_ids = torch.randint(0, args.vocab, (num_tokens, TOPK), generator=g)
+    tokens = torch.randint(0, args.vocab, (args.rows, args.seq_len), generator=g).to(args.device)
+    targets = torch.randint(0, args.vocab, (num_tokens,), generator=g).to(args.device)
+    gather_ids = torch.randint(0, args.vocab, (num_tokens, TOPK), generator=g).to(args.device)
+    dtype = torch.bfloat16 if cuda else torch.float32
     peaks = []
     for mode, sp in settings:
         rc = MODES[mode]
         model_cfg = ModelConfig(
-            tp=TP,
+            tp=_tp(args),
             sequence_parallel=sp,
             recompute_granularity=rc.granularity,
             recompute_method=rc.method,
@@ -126,8 +137,9 @@ def measure_modes(args, settings: list[tuple[str, bool]]) -> list[int]:
         )
         model = build_qwen3_model(
             _hf_config(args),
-            params_dtype=torch.float32,
+            params_dtype=dtype,
             transformer_impl="local",
+            bf16=cuda,
             **megatron_memory_settings(model_cfg),
         )
         model.train()
@@ -136,11 +148,19 @@ def measure_modes(args, settings: list[tuple[str, bool]]) -> list[int]:
         _training_pass(model, tokens, targets, gather_ids, args.vocab, args.chunk_tokens)  # warm-up
         gc.collect()
         dist.barrier()
-        with open("/proc/self/clear_refs", "w") as clear_refs:
-            clear_refs.write("5")  # VmHWM := VmRSS
-        before = _memory_kib("VmRSS")
-        _training_pass(model, tokens, targets, gather_ids, args.vocab, args.chunk_tokens)
-        peaks.append((_memory_kib("VmHWM") - before) * 1024)
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+            _training_pass(model, tokens, targets, gather_ids, args.vocab, args.chunk_tokens)
+            torch.cuda.synchronize()
+            peaks.append(torch.cuda.max_memory_allocated() - before)
+        else:
+            with open("/proc/self/clear_refs", "w") as clear_refs:
+                clear_refs.write("5")  # VmHWM := VmRSS
+            before = _memory_kib("VmRSS")
+            _training_pass(model, tokens, targets, gather_ids, args.vocab, args.chunk_tokens)
+            peaks.append((_memory_kib("VmHWM") - before) * 1024)
         dist.barrier()
         del model
         gc.collect()
@@ -155,14 +175,14 @@ def predicted_bytes(args, mode: str, sp: bool) -> float:
         kv_heads=2,
         head_dim=64,
         layers=args.layers,
-        padded_vocab=-(-args.vocab // (128 * TP)) * 128 * TP,
-        tp=TP,
+        padded_vocab=-(-args.vocab // (128 * _tp(args))) * 128 * _tp(args),
+        tp=_tp(args),
         sequence_parallel=sp,
         tokens=args.rows * args.seq_len,
         seq_len=args.seq_len,
         scored_tokens=args.rows * args.seq_len,
         chunk_tokens=args.chunk_tokens,
-        dtype_bytes=4,
+        dtype_bytes=2 if args.device == "cuda" else 4,
         spec="local",
     )
     terms = activation_terms(shape, MODES[mode])
@@ -179,16 +199,18 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--chunk-tokens", type=int, default=1024)
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     args = parser.parse_args()
-    settings = [(mode, sp) for sp in (False, True) for mode in args.modes]
+    tp, dtype = _tp(args), "bf16" if args.device == "cuda" else "fp32"
+    settings = [(mode, sp) for sp in ((False, True) if tp > 1 else (False,)) for mode in args.modes]
     print(
         f"Qwen3-shaped GPTModel (local spec), h={args.hidden}, {args.layers} layers, 8 heads / 2 kv x 64, "
-        f"ffn {3 * args.hidden}, V={args.vocab}, fp32, TP={TP} gloo; micro-batch {args.rows} x {args.seq_len} "
+        f"ffn {3 * args.hidden}, V={args.vocab}, {dtype}, TP={tp} on {args.device}; micro-batch {args.rows} x {args.seq_len} "
         f"tokens, forward + backward",
         flush=True,
     )
     per_rank = run_distributed(
-        measure_modes, world_size=TP, layout=ParallelLayout(tp=TP), args=(args, settings), timeout=1800
+        measure_modes, world_size=tp, layout=ParallelLayout(tp=tp), args=(args, settings), timeout=1800
     )
     rows = []
     for i, (mode, sp) in enumerate(settings):
@@ -216,7 +238,9 @@ def main() -> None:
                 "layers": args.layers,
                 "tokens": args.rows * args.seq_len,
                 "seq_len": args.seq_len,
-                "tp": TP,
+                "tp": tp,
+                "device": args.device,
+                "dtype": dtype,
                 "max_abs_error": round(worst, 3),
                 "modes": rows,
             }

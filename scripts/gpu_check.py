@@ -10,6 +10,9 @@ Parts, each reported under its name in ONE JSON line at the end (``{"skipped": w
   megatron_step  forward + backward + Adam of a Qwen3-8B-width GPTModel with a few layers (bf16, the
                  local spec: the device image has no Transformer Engine), tokens/s and MFU
   tiny_srpo      one bf16 SRPO step of a tiny Qwen3 with the HF engine, on CUDA
+  activation_memory  the memory plan's activation terms (trainer/memory_plan.py, local spec) against
+                 the measured peak, per recompute mode, at 8B width (benchmarks/activation_memory.py
+                 --device cuda: TP=1, bf16)
 
 ``--smoke`` runs every part at toy size on whatever device there is (the CPU test uses it).
 """
@@ -187,6 +190,19 @@ def tiny_srpo(smoke: bool) -> dict:
     return {k: metrics[k] for k in keep} | {"wall_s": time.perf_counter() - start}
 
 
+def activation_memory(smoke: bool, device: str) -> dict:
+    size = ["--hidden", "64", "--layers", "2", "--rows", "1", "--seq-len", "64", "--vocab", "1000"]
+    if not smoke:
+        size = ["--hidden", "4096", "--layers", "2", "--rows", "2", "--seq-len", "4096", "--vocab", "151936"]
+    args = [sys.executable, "benchmarks/activation_memory.py", "--device", device, *size]
+    if smoke:
+        args += ["--modes", "none"]
+    done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=540)
+    if done.returncode != 0:
+        raise RuntimeError(f"exit code {done.returncode}: {done.stderr.strip()[-400:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def _tiny_srpo_rank(overrides):
     from tiny_training import parity_reward
 
@@ -223,6 +239,7 @@ def main() -> None:
         "ops_memory": lambda: ops_memory(args.smoke, device),
         "megatron_step": lambda: megatron_step(args.smoke),
         "tiny_srpo": lambda: tiny_srpo(args.smoke),
+        "activation_memory": lambda: activation_memory(args.smoke, device),
     }
     figures: dict = {"device": _device_name(), "torch": torch.__version__, "smoke": args.smoke}
     for name, part in parts.items():

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
-PARTS = ("gpu_tests", "ops_memory", "megatron_step", "tiny_srpo")
+PARTS = ("gpu_tests", "ops_memory", "megatron_step", "tiny_srpo", "activation_memory")
 
 
 def _last_json_line(stdout: str) -> dict:
@@ -43,3 +43,6 @@ def test_every_part_runs_at_toy_size():
     assert figures["megatron_step"]["update_ok"] and figures["megatron_step"]["tokens_per_s"] > 0
     assert figures["ops_memory"]["fused_s"] > 0 and figures["ops_memory"]["naive_s"] > 0
     assert figures["tiny_srpo"]["grad_norm"] >= 0 and figures["tiny_srpo"]["logp_gap_max"] < 0.5
+    modes = figures["activation_memory"]["modes"]
+    assert [(m["mode"], m["sequence_parallel"]) for m in modes] == [("none", False), ("none", True)]
+    assert all(m["measured_mib"] > 0 and m["predicted_mib"] > 0 for m in modes)
