@@ -97,6 +97,16 @@ def test_full_recompute_layers_are_checked_against_the_model():
         load_model_config(too_many)
 
 
+def test_async_rollouts_are_refused_where_nothing_overlaps():
+    """Colocated engines (the 8B config) and the HF engine share the training devices / process."""
+    with pytest.raises(ValueError, match="train.async_rollouts: colocated engines share the training GPUs"):
+        load_config([CONFIGS / "qwen3_8b_srpo.yaml"], [*REQUIRED, "train.async_rollouts=true"])
+    with pytest.raises(ValueError, match="train.async_rollouts: the HF engine generates in global rank 0"):
+        load_config([CONFIGS / "tiny_cpu.yaml"], ["train.async_rollouts=true"])
+    apart = ["rollout.mode=disaggregated", "train.async_rollouts=true"]
+    assert load_config([CONFIGS / "qwen3_8b_srpo.yaml"], [*REQUIRED, *apart]).train.async_rollouts
+
+
 def test_missing_required_value_is_refused():
     with pytest.raises(ValueError, match="hf_dir|train_files"):
         load_config([CONFIGS / "qwen3_8b_srpo.yaml"])

@@ -229,63 +229,61 @@ def _records(out) -> dict[int, dict]:
     return {r["step"]: r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
 
 
-def test_async_rollouts_generate_the_next_step_while_training_one_update_stale(tiny_run_inputs, tmp_path):
-    """train.async_rollouts: step k+1's generation is requested before step k trains and is done
-    before v_k is pushed, so each step from the second trains on rollouts of the weights one update
-    older (staleness 1, logged), and the TIS weight sees a real gap (the synchronous run's is fp32
-    noise, test above)."""
-    run_distributed(
-        train_with_sglang_in_ranks,
-        world_size=1,
-        megatron=False,
-        args=(_async_overrides(tiny_run_inputs, tmp_path, "train.total_steps=3"),),
-        timeout=600,
-    )
-    records = _records(tmp_path)
-    assert sorted(records) == [1, 2, 3]
-    assert [records[s]["rollout/policy_version"] for s in (1, 2, 3)] == [0, 0, 1]
-    assert [records[s]["rollout/staleness"] for s in (1, 2, 3)] == [0, 1, 1]
-    assert records[1]["logp_gap_max"] < 1e-4  # v_0 sampled and trains
-    for s in (2, 3):  # sampled by v_{s-2}, pi_old is v_{s-1}: lr 5e-4 moves the log-probs
-        assert records[s]["logp_gap_max"] > 1e-3
-        assert records[s]["is/tis_mean"] != 1.0
-        assert 0.0 <= records[s]["is/tis_capped_frac"] <= 1.0
-    # steps 1 and 2 waited for the next step's batch before their sync; the last submits none
-    assert ["time/rollout_wait" in records[s] for s in (1, 2, 3)] == [True, True, False]
-    # start sync S0; step 1 generates G1 in hand, then submits G2 before training; every later
-    # generation is submitted after the sync of the step before (no update races one)
-    (log,) = (tmp_path / "sglang").glob("sglang_*.log")
-    calls = [c.split()[0] for c in _calls(log) if c.startswith(("generate", "begin_weight_update"))]
-    assert calls == ["begin_weight_update", "generate", "generate", "begin_weight_update", "generate"] + [
-        "begin_weight_update"
-    ] * 2
-
-
-def test_async_rollouts_sigkill_then_resume_matches_an_uninterrupted_async_run(tiny_run_inputs, tmp_path):
-    """The checkpoint after step 2 holds step 3's rollouts (sampled by v_1, which no checkpoint
-    holds); the resumed run trains on them, so every compared metric equals the uninterrupted
-    run's, step by step, the version metrics and the engine-actor gap included."""
+def test_async_rollouts_one_update_stale_and_sigkill_then_resume_matches_uninterrupted(
+    tiny_run_inputs, tmp_path
+):
+    """train.async_rollouts, one disaggregated engine launched by the trainer. Uninterrupted: step
+    k+1's generation is requested before step k trains and is done before v_k is pushed, so each
+    step from the second trains on rollouts of the weights one update older (staleness 1, logged),
+    and the engine-actor gap the TIS weight corrects is real (a synchronous run's is fp32 noise,
+    tests above). Killed and resumed: the checkpoint after step 2 holds step 3's rollouts (sampled
+    by v_1, which no checkpoint holds); the resumed run trains on them, so every compared metric
+    equals the uninterrupted run's, step by step, the version metrics and the gap included."""
     compared = (
         "reward_mean", "loss", "loss/grpo", "loss/sdpo", "grad_norm", "sdpo_fraction", "logp_gap_max",
-        "is/tis_mean", "rollout/policy_version", "rollout/staleness",
+        "is/tis_mean", "is/tis_capped_frac", "rollout/policy_version", "rollout/staleness",
     )  # fmt: skip
 
     def overrides(out):
-        return _async_overrides(
+        return _overrides(
             tiny_run_inputs,
             out,
+            "model.tp=1",
+            "rollout.mode=disaggregated",
+            "rollout.num_engines=1",
             "rollout.deterministic=true",
+            "train.async_rollouts=true",
             "train.total_steps=4",
             "train.prompts_per_step=2",
             "ckpt.save_every=2",
+            "ckpt.export_hf=false",
         )
+
+    def records(out):
+        return {r["step"]: r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
 
     clean, crashed = tmp_path / "clean", tmp_path / "crashed"
     run_distributed(
         train_with_sglang_in_ranks, world_size=1, megatron=False, args=(overrides(clean),), timeout=600
     )
+    expected = records(clean)
+    assert sorted(expected) == [1, 2, 3, 4]
+    assert [expected[s]["rollout/policy_version"] for s in (1, 2, 3, 4)] == [0, 0, 1, 2]
+    assert [expected[s]["rollout/staleness"] for s in (1, 2, 3, 4)] == [0, 1, 1, 1]
+    assert expected[1]["logp_gap_max"] < 1e-4  # v_0 sampled it and trains on it
+    for s in (2, 3, 4):  # sampled by v_{s-2}, pi_old is v_{s-1}: lr 5e-4 moves the log-probs
+        assert expected[s]["logp_gap_max"] > 1e-3
+        assert expected[s]["is/tis_mean"] != 1.0
+    # steps 1-3 waited for the next step's batch before their sync; the last submits none
+    assert ["time/rollout_wait" in expected[s] for s in (1, 2, 3, 4)] == [True, True, True, False]
+    # the start's sync; step 1 generates its batch, then submits step 2's before training; every
+    # later generation is submitted after the sync of the step before (no update races one)
+    (log,) = (clean / "sglang").glob("sglang_*.log")
+    calls = [c.split()[0] for c in _calls(log) if c.startswith(("generate", "begin_weight_update"))]
+    sync, generate = "begin_weight_update", "generate"
+    assert calls == [sync, generate, generate, sync, generate, sync, generate, sync, sync]
     assert (clean / "checkpoints" / "step_000002" / "rollouts_ahead.pt").is_file()
-    assert not (clean / "checkpoints" / "step_000004" / "rollouts_ahead.pt").exists()  # the last step
+    assert not (clean / "checkpoints" / "step_000004" / "rollouts_ahead.pt").exists()
 
     proc = start_killable_run("train_with_sglang_in_ranks", overrides(crashed), world_size=1)
     deadline = time.monotonic() + 300
@@ -294,13 +292,12 @@ def test_async_rollouts_sigkill_then_resume_matches_an_uninterrupted_async_run(t
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     assert proc.wait(timeout=30) == -signal.SIGKILL
-    assert max(_records(crashed)) < 4
+    assert max(records(crashed)) < 4
 
     run_distributed(
         train_with_sglang_in_ranks, world_size=1, megatron=False, args=(overrides(crashed),), timeout=600
     )
-    expected, resumed = _records(clean), _records(crashed)
+    resumed = records(crashed)
     assert sorted(resumed) == [1, 2, 3, 4]
-    assert [expected[s]["rollout/staleness"] for s in (1, 2, 3, 4)] == [0, 1, 1, 1]
     for step in (1, 2, 3, 4):
         assert {k: resumed[step][k] for k in compared} == {k: expected[step][k] for k in compared}, step
