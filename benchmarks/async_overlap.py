@@ -6,13 +6,14 @@ cores.
 The tiny random Qwen3 of the tests (hidden 32, 2 layers, the real 151,936-token vocabulary), the
 tests' parity reward (about half the rollouts correct, so every step routes to both losses);
 the config makes generation most of a synchronous step (long responses, many samples, one
-optimizer update per step). The step time is the median ``time/total`` over steps 2..N (the first
-async step has nothing in hand and generates as a synchronous one does); the reward is the mean
-``reward_mean`` of the last ``--reward-steps`` steps of each run, after the same number of steps.
+optimizer update per step). The step time is the median ``time/total`` over steps 2..N-1: the
+first async step has nothing in hand and generates as a synchronous one does, and the last submits
+no generation, so it only trains. The reward is the mean ``reward_mean`` of the last
+``--reward-steps`` steps of each run, after the same number of steps.
 
 Prints the figures; the last line is one JSON object (``step_time_ratio`` = async / sync).
 
-    python benchmarks/async_overlap.py [--steps 8 --prompts 4 --n 8 --max-new-tokens 48]
+    python benchmarks/async_overlap.py [--steps 8 --prompts 4 --n 8 --max-new-tokens 24]
 """
 
 import argparse
@@ -62,7 +63,7 @@ def run(root: Path, out: Path, args, async_rollouts: bool) -> list[dict]:
 
 
 def summary(records: list[dict], reward_steps: int) -> dict[str, float]:
-    later = records[1:]
+    later = records[1:-1]
     return {
         "step_s": statistics.median(r["time/total"] for r in later),
         "rollout_s": statistics.median(r["time/rollout"] + r.get("time/rollout_wait", 0.0) for r in later),
@@ -75,9 +76,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--n", type=int, default=8)
-    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--reward-steps", type=int, default=4)
     args = parser.parse_args()
+    if args.steps < 3:
+        parser.error("--steps must be >= 3 (the step time is the median of steps 2..N-1)")
+    load_at_start = os.getloadavg()[0]  # other work on the 2 cores slows both runs, and the overlap
     with tempfile.TemporaryDirectory() as tmp:
         root = make_tiny_inputs(Path(tmp))
         sync = summary(run(root, Path(tmp) / "sync", args, async_rollouts=False), args.reward_steps)
@@ -86,6 +90,9 @@ def main() -> None:
     staleness = [r["rollout/staleness"] for r in ahead_records]
     result = {
         "steps": args.steps,
+        "prompts": args.prompts,
+        "n": args.n,
+        "max_new_tokens": args.max_new_tokens,
         "sync_step_s": round(sync["step_s"], 3),
         "async_step_s": round(ahead["step_s"], 3),
         "step_time_ratio": round(ahead["step_s"] / sync["step_s"], 3),
@@ -94,10 +101,10 @@ def main() -> None:
         "sync_reward": round(sync["reward"], 4),
         "async_reward": round(ahead["reward"], 4),
         "async_staleness": staleness,
-        "load_average": [round(x, 2) for x in os.getloadavg()],
+        "load_1min_start_end": [round(load_at_start, 2), round(os.getloadavg()[0], 2)],
     }
     print(
-        f"step time (median of steps 2..{args.steps}): sync {result['sync_step_s']} s (generation "
+        f"step time (median of steps 2..{args.steps - 1}): sync {result['sync_step_s']} s (generation "
         f"{result['sync_generation_fraction']:.0%} of it), async {result['async_step_s']} s (waiting "
         f"{result['async_wait_s']} s for the next batch), ratio {result['step_time_ratio']}"
     )
