@@ -157,6 +157,11 @@ class TrainConfig:
     ops_chunk_tokens: int = 1024
     """Token chunk of the vocab-parallel ops (memory O(chunk x V/tp))."""
     seed: int = 1234
+    async_rollouts: bool = False
+    """One step off policy: the engines generate step k+1's rollouts while the actor trains step k
+    (each batch sampled by weights one update older than the synchronous loop's; the TIS weight
+    corrects it). Needs engines on devices of their own: rollout.engine=sglang,
+    rollout.mode=disaggregated (trainer/rollout_source.py)."""
 
 
 @dataclass
@@ -297,6 +302,19 @@ def validate_config(cfg: Config) -> None:
     )
     _check(t.micro_batch_tokens >= 1, "train.micro_batch_tokens", "must be >= 1")
     _check(t.ops_chunk_tokens >= 1, "train.ops_chunk_tokens", "must be >= 1")
+    _check(
+        not t.async_rollouts or r.engine == "sglang",
+        "train.async_rollouts",
+        "the HF engine generates in global rank 0's process, between its training passes, so there is "
+        "nothing to overlap: use rollout.engine=sglang rollout.mode=disaggregated, or async_rollouts=false",
+    )
+    _check(
+        not t.async_rollouts or r.mode == "disaggregated",
+        "train.async_rollouts",
+        "colocated engines share the training GPUs (their memory is released while the actor trains), "
+        "so generation cannot overlap training: use rollout.mode=disaggregated (engines on GPUs of "
+        "their own), or async_rollouts=false",
+    )
     o = cfg.optim
     _check(
         o.lr > 0 and 0 <= o.min_lr <= o.lr,

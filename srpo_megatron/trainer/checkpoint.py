@@ -12,6 +12,8 @@
                             (trainer/teacher.py), sharded like the distributed optimizer's state
       trainer_state.json    step, data position, LR-scheduler state, layout, config
       metrics.jsonl         the metrics of steps 1..step (what the run had logged)
+      rollouts_ahead.pt     async runs (train.async_rollouts): step + 1's rollouts, generated
+                            during this step by the weights before it (trainer/rollout_source.py)
       complete.json         the completeness marker, written last: every other file and its size
 
 Atomicity: everything is written under ``step_000004.tmp``; once every rank has finished (a
@@ -52,6 +54,7 @@ _STEP_DIR = re.compile(r"^step_(\d{6,})$")
 TEACHER_PREFIX = "teacher."
 _OPTIM_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
 COMPLETE = "complete.json"
+AHEAD_FILE = "rollouts_ahead.pt"
 
 
 def checkpoint_root(cfg: Config) -> Path:
@@ -134,11 +137,19 @@ def _set_rng_state(state: dict[str, Any], routing_rng: torch.Generator) -> None:
 
 
 def save_checkpoint(
-    cfg: Config, step: int, actor, dataset, routing_rng, hf_config: dict, extra: dict[str, Any]
+    cfg: Config,
+    step: int,
+    actor,
+    dataset,
+    routing_rng,
+    hf_config: dict,
+    extra: dict[str, Any],
+    ahead: dict | None = None,
 ) -> Path:
     """Collective: every rank writes its shards and RNG state; rank 0 makes the result visible.
 
-    ``extra``: small JSON-able run state of the loop (wall clock so far, best eval scores)."""
+    ``extra``: small JSON-able run state of the loop (wall clock so far, best eval scores).
+    ``ahead``: the next step's rollouts of an async run (``RolloutSource.state_dict``), or None."""
     from megatron.core import dist_checkpointing
 
     root = checkpoint_root(cfg)
@@ -183,6 +194,8 @@ def save_checkpoint(
             "extra": extra,
         }
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1, default=str))
+        if ahead is not None:
+            torch.save(ahead, tmp / AHEAD_FILE)
         # the completeness marker (list_checkpoints) and the manifest verify_checkpoint checks: last
         files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
         (tmp / COMPLETE).write_text(json.dumps({"step": step, "files": files}, indent=1))
@@ -258,6 +271,12 @@ def load_checkpoint(path: Path, cfg: Config, actor, dataset, routing_rng) -> tup
     rng_file = path / "rng" / f"rank_{dist.get_rank():05d}.pt"
     _set_rng_state(torch.load(rng_file, weights_only=False), routing_rng)
     return int(state["step"]), state["extra"]
+
+
+def load_ahead(path: Path) -> dict | None:
+    """The next step's rollouts that ``save_checkpoint`` wrote (async runs), or None."""
+    file = path / AHEAD_FILE
+    return torch.load(file) if file.is_file() else None
 
 
 def _load_module(module: torch.nn.Module, state: dict, prefix: str) -> None:

@@ -29,11 +29,17 @@ def engine_plan(cfg: Config, local_world_size: int) -> str:
     engines = f"{r.num_engines} SGLang engine(s) x TP {r.engine_tp}"
     weights = "weights by CUDA IPC" if r.mode == "colocated" else "weights by NCCL broadcast"
     if r.engine_urls:
-        return f"{engines} at {', '.join(r.engine_urls)} ({r.mode}), {weights}"
+        return f"{engines} at {', '.join(r.engine_urls)} ({r.mode}), {weights}{_async(cfg)}"
     first = 0 if r.mode == "colocated" else local_world_size
     where = f"GPUs {first}-{first + r.num_engines * r.engine_tp - 1} of rank 0's node"
     memory = ", memory released while the actor trains" if r.mode == "colocated" else ""
-    return f"{engines}, launched {r.mode} on {where}{memory}, {weights}"
+    return f"{engines}, launched {r.mode} on {where}{memory}, {weights}{_async(cfg)}"
+
+
+def _async(cfg: Config) -> str:
+    return (
+        "; async: each step's rollouts generated during the step before" if cfg.train.async_rollouts else ""
+    )
 
 
 def print_start_header(cfg: Config, hf_config: dict, dataset, resume: Path | None) -> None:

@@ -7,8 +7,9 @@
 Every rank runs this loop. Rollouts are generated once (by the engine's owner rank) and broadcast,
 so rewards, routing and advantages are the same numbers on every rank; each data-parallel rank
 then runs the actor passes and trains on its own contiguous share of the step's rollouts (whole
-prompt groups). The functions of each stage are in ``rollouts.py``; the run's start is in
-``setup.py``.
+prompt groups). The functions of each stage are in ``rollouts.py``, where a step's rollouts come
+from (synchronous, or generated during the step before: ``train.async_rollouts``) in
+``rollout_source.py``; the run's start is in ``setup.py``.
 """
 
 from dataclasses import dataclass
@@ -32,7 +33,6 @@ from srpo_megatron.trainer.rollouts import (
     compute_old_logp,
     compute_rewards,
     compute_teacher_stats,
-    generate_rollouts,
     reduce_logp_gap,
     reduce_teacher_entropy,
     reduce_weight_stats,
@@ -82,7 +82,7 @@ def _train(run: Run, resume: Path | None) -> RunResult:
     start = resume_if_any(run, resume)
     # The engine starts from the actor's weights: the same HF weights on a fresh start, the
     # checkpoint's on a resume.
-    run.weight_sync.sync(run.actor.student, run.hf_config)
+    run.rollouts.push_weights(run.actor.student, run.hf_config, version=start)
     metrics, rewards = {}, []
     for step in range(start + 1, cfg.train.total_steps + 1):
         metrics = train_step(run, step)
@@ -95,7 +95,8 @@ def _train(run: Run, resume: Path | None) -> RunResult:
         rewards.append(metrics["reward_mean"])
         if last or _every(step, cfg.ckpt.save_every):
             extra = {"hours": run.hours, "best": run.best.state_dict()}
-            save_checkpoint(cfg, step, run.actor, run.dataset, run.routing_rng, run.hf_config, extra)
+            ahead = run.rollouts.state_dict()
+            save_checkpoint(cfg, step, run.actor, run.dataset, run.routing_rng, run.hf_config, extra, ahead)
     _finish(run, rewards)
     return RunResult(metrics, run.actor, run.engine)
 
@@ -110,9 +111,8 @@ def train_step(run: Run, step: int) -> dict[str, float]:
     batching = {"pad_id": run.tokenizer.pad_token_id or 0, "token_budget": cfg.train.micro_batch_tokens}
     timer = PhaseTimer()
     with timer("total"):
-        rows = run.dataset.next_batch()
-        with timer("rollout"):
-            batch = generate_rollouts(run.engine, cfg, run.tokenizer, rows, seed=cfg.train.seed + step)
+        with timer("rollout"):  # async: the batch generated during the last step, the next submitted
+            rows, batch, version_metrics = run.rollouts.take(step)
         with timer("reward"):
             rewards = compute_rewards(batch, rows, run.tokenizer, cfg.reward.tool_use_parser)
         group_ids = torch.tensor(batch.prompt_index, dtype=torch.long)
@@ -148,10 +148,10 @@ def train_step(run: Run, step: int) -> dict[str, float]:
                 train_metrics.append(actor.train(mbs, inputs, weight_stats=weights))
         if any(m["update_ok"] for m in train_metrics):
             actor.update_teacher(alg.ema_decay)
-        with timer("sync"):
-            sync_metrics = run.weight_sync.sync(actor.student, run.hf_config)
+        # async: waits for the next step's batch first (time/rollout_wait)
+        sync_metrics = run.rollouts.push_weights(actor.student, run.hf_config, version=step, timer=timer)
 
-    metrics = rollout_metrics(batch, rewards, routing, alg.variant)
+    metrics = rollout_metrics(batch, rewards, routing, alg.variant) | version_metrics
     metrics |= reduce_teacher_entropy(teacher, dp_group)
     if old is not None:  # the last pipeline stage
         metrics |= reduce_logp_gap(old, batch, dp_group)

@@ -8,6 +8,8 @@ Two peaks, per GPU (P = this rank's parameters, dp = data-parallel size, p = byt
     training   = static + activations of the largest micro-batch + the fused vocab op's buffers
     generating = static + rollout.mem_fraction x GPU memory (colocated engines; they free it before
                  training, SGLang's memory saver)
+    engine GPU = rollout.mem_fraction x GPU memory, of which the weights (model.dtype) / engine_tp
+                 (disaggregated engines, on GPUs of their own: held all run, async or not)
 
 Activations follow Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer
 Models" (sec. 4): a layer keeps s*b*h*(34 + 5*a*s/h) bytes at TP=1 in 16-bit with dropout, of
@@ -332,6 +334,8 @@ def memory_plan_lines(
         if gpu_memory_gib - generating < 0.1 * gpu_memory_gib:
             line += " (tight: lower rollout.mem_fraction or set model.teacher_offload=true)"
         lines.append(line)
+    if r.engine == "sglang" and r.mode == "disaggregated":
+        lines.append(_engine_gpu_line(cfg, params_per_rank * m.tp * m.pp, gpu_memory_gib))
     options = [(sp, rc, training_total(sp, rc)) for sp, rc in _options(cfg, shape.layers)]
     lines.append(
         "memory options, training total: "
@@ -355,6 +359,21 @@ def memory_plan_lines(
             )
         )
     return lines
+
+
+def _engine_gpu_line(cfg: Config, params: float, gpu_memory_gib: float) -> str:
+    """Disaggregated engines: what each of their GPUs holds (``params``: the model's, padded)."""
+    r = cfg.rollout
+    held = r.mem_fraction * gpu_memory_gib
+    weights = params * (4 if cfg.model.dtype == "float32" else 2) / r.engine_tp / GIB
+    line = (
+        f"memory per engine GPU (estimate, GiB; disaggregated, held all run): rollout.mem_fraction="
+        f"{r.mem_fraction:g} {held:.1f} of {gpu_memory_gib:g} = weights {weights:.1f} (engine TP "
+        f"{r.engine_tp}) + KV cache {held - weights:.1f}"
+    )
+    if weights > 0.8 * held:
+        line += " (WARNING: little KV cache left: raise rollout.mem_fraction or rollout.engine_tp)"
+    return line
 
 
 def _tokens(shape: ActivationShape, sequence_parallel: bool) -> int:

@@ -3,6 +3,7 @@ them, one free function each ("pass": a forward pass of the actor; "DP": a colle
 data-parallel group, passed in):
 
     generate_rollouts       rank 0 samples, every rank receives the batch           broadcast
+    sample_rollouts         rank 0's part of it (async_rollouts.py runs it on a thread)
     compute_rewards         each prompt's verifier on each response -> [R]
     compute_old_logp        the student's log-probs (+ top-K ids) of this rank's share    pass
     teacher_prefixes        the teacher prompts (with a correct sibling's solution)
@@ -52,24 +53,26 @@ class TeacherStats:
 
 
 def generate_rollouts(engine, cfg: Config, tokenizer, rows, *, seed: int) -> RolloutBatch:
-    """Rank 0 samples ``rollout.n`` responses per prompt; every rank receives the same batch.
-    Colocated engines then give their GPU memory back for training (before the batch goes out, so
-    that no rank starts its forward passes while the engines still hold it)."""
+    """Rank 0 samples ``rollout.n`` responses per prompt (``sample_rollouts``); every rank receives
+    the same batch."""
+    return from_rank_0(lambda: sample_rollouts(engine, cfg, tokenizer, rows, seed=seed), "rollout generation")
 
-    def generate() -> RolloutBatch:
-        params = SamplingParams(
-            n=cfg.rollout.n,
-            temperature=cfg.rollout.temperature,
-            top_p=cfg.rollout.top_p,
-            max_new_tokens=cfg.rollout.max_new_tokens,
-            stop_token_ids=tuple(stop_token_ids(tokenizer)),
-            seed=seed,
-        )
-        batch = engine.generate([row.prompt_ids for row in rows], params)
-        engine.release_memory()
-        return batch
 
-    return from_rank_0(generate, "rollout generation")
+def sample_rollouts(engine, cfg: Config, tokenizer, rows, *, seed: int) -> RolloutBatch:
+    """Rank 0 only: ``rollout.n`` responses per prompt of ``rows`` from ``engine``. Colocated engines
+    then give their GPU memory back for training (before the batch goes out, so that no rank starts
+    its forward passes while the engines still hold it)."""
+    params = SamplingParams(
+        n=cfg.rollout.n,
+        temperature=cfg.rollout.temperature,
+        top_p=cfg.rollout.top_p,
+        max_new_tokens=cfg.rollout.max_new_tokens,
+        stop_token_ids=tuple(stop_token_ids(tokenizer)),
+        seed=seed,
+    )
+    batch = engine.generate([row.prompt_ids for row in rows], params)
+    engine.release_memory()
+    return batch
 
 
 def stop_token_ids(tokenizer) -> list[int]:

@@ -29,10 +29,12 @@ from srpo_megatron.trainer.actor import MegatronActor
 from srpo_megatron.trainer.checkpoint import (
     checkpoint_root,
     find_resume_checkpoint,
+    load_ahead,
     load_checkpoint,
 )
 from srpo_megatron.trainer.evaluation import BestWithinBudget, load_eval_prompts
 from srpo_megatron.trainer.metrics import MetricsLogger
+from srpo_megatron.trainer.rollout_source import RolloutSource
 from srpo_megatron.trainer.run_dir import lock_run_dir, refuse_to_start_over, restore_metrics
 
 
@@ -98,6 +100,7 @@ class Run:
     actor: MegatronActor
     engine: RolloutEngine | None  # on global rank 0, None elsewhere
     weight_sync: WeightSync
+    rollouts: RolloutSource  # each step's rollouts (synchronous, or one step ahead), and the weight sync
     logger: MetricsLogger
     routing_rng: torch.Generator
     eval_prompts: list
@@ -153,6 +156,7 @@ def build_run(cfg: Config, hf_config: dict, tokenizer, dataset, engine, weight_s
         actor=MegatronActor(cfg, hf_config, optimizer_steps=cfg.train.total_steps * updates_per_step),
         engine=engine,
         weight_sync=weight_sync,
+        rollouts=RolloutSource(cfg, tokenizer, dataset, engine, weight_sync),
         logger=MetricsLogger(
             cfg.output_dir,
             enabled=dist.get_rank() == 0,
@@ -171,6 +175,7 @@ def resume_if_any(run: Run, path: Path | None) -> int:
     if path is None:
         return 0
     step, extra = load_checkpoint(path, run.cfg, run.actor, run.dataset, run.routing_rng)
+    run.rollouts.load_state_dict(load_ahead(path), step)
     run.hours = extra["hours"]
     run.best.load_state_dict(extra["best"])
     if dist.get_rank() == 0:

@@ -97,6 +97,16 @@ def test_full_recompute_layers_are_checked_against_the_model():
         load_model_config(too_many)
 
 
+def test_async_rollouts_are_refused_where_nothing_overlaps():
+    """Colocated engines (the 8B config) and the HF engine share the training devices / process."""
+    with pytest.raises(ValueError, match="train.async_rollouts: colocated engines share the training GPUs"):
+        load_config([CONFIGS / "qwen3_8b_srpo.yaml"], [*REQUIRED, "train.async_rollouts=true"])
+    with pytest.raises(ValueError, match="train.async_rollouts: the HF engine generates in global rank 0"):
+        load_config([CONFIGS / "tiny_cpu.yaml"], ["train.async_rollouts=true"])
+    apart = ["rollout.mode=disaggregated", "train.async_rollouts=true"]
+    assert load_config([CONFIGS / "qwen3_8b_srpo.yaml"], [*REQUIRED, *apart]).train.async_rollouts
+
+
 def test_missing_required_value_is_refused():
     with pytest.raises(ValueError, match="hf_dir|train_files"):
         load_config([CONFIGS / "qwen3_8b_srpo.yaml"])
@@ -125,23 +135,24 @@ def test_engines_must_fit_the_gpus():
     assert validate_layout(load_config([CONFIGS / "qwen3_8b_srpo.yaml"], [*REQUIRED, *urls]), 16, 8) == 4
 
 
-def test_8b_example_dry_run_on_cpu():
-    """The 8B launcher's config, layout (8 ranks) and model (meta device) pass start-up validation."""
+def _dry_run(launcher: str, **env):
+    """``bash <launcher> --dry-run`` from the repository root; asserts it passed."""
     import os
     import subprocess
 
     root = CONFIGS.parent
-    env = {**os.environ, "GPUS_PER_NODE": "8", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, **env, "OMP_NUM_THREADS": "1"}
     env["PATH"] = f"{root / '.venv' / 'bin'}:{env['PATH']}" if (root / ".venv").is_dir() else env["PATH"]
     out = subprocess.run(
-        ["bash", "examples/run_qwen3_8b_srpo.sh", "--dry-run"],
-        cwd=root,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+        ["bash", launcher, "--dry-run"], cwd=root, env=env, capture_output=True, text=True, timeout=300
     )
     assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+def test_8b_example_dry_run_on_cpu():
+    """The 8B launcher's config, layout (8 ranks) and model (meta device) pass start-up validation."""
+    out = _dry_run("examples/run_qwen3_8b_srpo.sh", GPUS_PER_NODE="8")
     assert "plan: world 8 = tp 4 x pp 1 x dp 2" in out.stdout
     # HF Qwen3-8B: 8,190,735,360; at TP 4 the vocabulary pads to 152,064 (+128 rows, embedding and output)
     assert "Qwen3ForCausalLM 8,191,783,936 parameters (Megatron, vocab padded for tp 4)" in out.stdout
@@ -164,6 +175,20 @@ def test_8b_example_dry_run_on_cpu():
     assert "actor + teacher 30.5 + the engines' rollout.mem_fraction=0.5 40.0 = 70.5 of 80 GiB" in out.stdout
     # without sequence parallelism the replicated norm inputs cost 4 x as much: 72.2 GiB, still < 80
     assert "memory options, training total: no recompute: 72.2 GiB;" in out.stdout
+    assert "WARNING" not in out.stdout
+    assert "dry run OK" in out.stdout
+
+
+def test_8b_async_example_dry_run_on_cpu():
+    """The disaggregated async variant: the actor on 4 GPUs, the engines on the other 4."""
+    out = _dry_run("examples/run_qwen3_8b_srpo_async.sh", TRAIN_GPUS="4")
+    assert "plan: world 4 = tp 4 x pp 1 x dp 1" in out.stdout
+    assert "2 SGLang engine(s) x TP 2, launched disaggregated on GPUs 4-7 of rank 0's node" in out.stdout
+    assert "async: each step's rollouts generated during the step before" in out.stdout
+    # Adam over dp 1: 12 B x 2.048e9 params; selective [core_attn, mlp] recompute
+    assert "Adam 22.9 (over dp 1)" in out.stdout and "= 55.8 of 80 GiB" in out.stdout
+    # 0.85 x 80 GiB; bf16 weights 2 B x 8.192e9 / engine TP 2
+    assert "rollout.mem_fraction=0.85 68.0 of 80 = weights 7.6 (engine TP 2) + KV cache 60.4" in out.stdout
     assert "WARNING" not in out.stdout
     assert "dry run OK" in out.stdout
 

@@ -165,47 +165,98 @@ def test_disaggregated_engine_at_a_url_receives_each_stage_from_its_own_source_r
     assert compare_checksums(_checksums_of(tiny_run_inputs / "model"), held) != []  # it did train
 
 
+def _resume_overrides(root, out, *extra):
+    """4 steps on one deterministic engine, a checkpoint after step 2 (the resume tests)."""
+    return _overrides(
+        root,
+        out,
+        "model.tp=1",
+        "rollout.num_engines=1",
+        "rollout.deterministic=true",
+        "train.total_steps=4",
+        "train.prompts_per_step=2",
+        "ckpt.save_every=2",
+        "ckpt.export_hf=false",
+        *extra,
+    )
+
+
+def _records(out) -> dict[int, dict]:
+    return {r["step"]: r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
+
+
+def _train(overrides) -> None:
+    run_distributed(train_with_sglang_in_ranks, world_size=1, megatron=False, args=(overrides,), timeout=600)
+
+
+def _sigkill_after_step_2_then_resume(overrides, out) -> None:
+    """Starts the run, SIGKILLs it once the checkpoint of step 2 exists (before step 4 is logged),
+    then resumes it to its end."""
+    proc = start_killable_run("train_with_sglang_in_ranks", overrides, world_size=1)
+    deadline = time.monotonic() + 300
+    while not (out / "checkpoints" / "step_000002" / "trainer_state.json").is_file():
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended or stalled before step 3"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.wait(timeout=30) == -signal.SIGKILL
+    assert max(_records(out)) < 4
+    _train(overrides)
+
+
 def test_sigkill_then_resume_on_deterministic_engines_matches_an_uninterrupted_run(tiny_run_inputs, tmp_path):
     """rollout.deterministic: the engines sample each request from its own seed, derived from (run
     seed, step, prompt, sample), so the fresh engines of a resumed run sample what the killed run's
     would have. Step by step, every compared metric is equal to the uninterrupted run's."""
     compared = ("reward_mean", "loss", "loss/grpo", "loss/sdpo", "grad_norm", "sdpo_fraction", "logp_gap_max")
-
-    def overrides(out):
-        return _overrides(
-            tiny_run_inputs,
-            out,
-            "model.tp=1",
-            "rollout.mode=colocated",
-            "rollout.num_engines=1",
-            "rollout.deterministic=true",
-            "train.total_steps=4",
-            "train.prompts_per_step=2",
-            "ckpt.save_every=2",
-            "ckpt.export_hf=false",
-        )
-
-    def records(out):
-        return {r["step"]: r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
-
     clean, crashed = tmp_path / "clean", tmp_path / "crashed"
-    run_distributed(
-        train_with_sglang_in_ranks, world_size=1, megatron=False, args=(overrides(clean),), timeout=600
+    _train(_resume_overrides(tiny_run_inputs, clean, "rollout.mode=colocated"))
+    _sigkill_after_step_2_then_resume(
+        _resume_overrides(tiny_run_inputs, crashed, "rollout.mode=colocated"), crashed
     )
+    expected, resumed = _records(clean), _records(crashed)
+    assert sorted(resumed) == [1, 2, 3, 4]
+    for step in (1, 2, 3, 4):
+        assert {k: resumed[step][k] for k in compared} == {k: expected[step][k] for k in compared}, step
 
-    proc = start_killable_run("train_with_sglang_in_ranks", overrides(crashed), world_size=1)
-    deadline = time.monotonic() + 300
-    while not (crashed / "checkpoints" / "step_000002" / "trainer_state.json").is_file():
-        assert proc.poll() is None and time.monotonic() < deadline, "the run ended or stalled before step 3"
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.wait(timeout=30) == -signal.SIGKILL
-    assert max(records(crashed)) < 4
 
-    run_distributed(
-        train_with_sglang_in_ranks, world_size=1, megatron=False, args=(overrides(crashed),), timeout=600
-    )
-    expected, resumed = records(clean), records(crashed)
+def test_async_rollouts_one_update_stale_and_sigkill_then_resume_matches_uninterrupted(
+    tiny_run_inputs, tmp_path
+):
+    """train.async_rollouts, one disaggregated engine launched by the trainer. Uninterrupted: step
+    k+1's generation is requested before step k trains and is done before v_k is pushed, so each
+    step from the second trains on rollouts of the weights one update older (staleness 1, logged),
+    and the engine-actor gap the TIS weight corrects is real (a synchronous run's is fp32 noise,
+    tests above). Killed and resumed: the checkpoint after step 2 holds step 3's rollouts (sampled
+    by v_1, which no checkpoint holds); the resumed run trains on them, so every compared metric
+    equals the uninterrupted run's, step by step, the version metrics and the gap included."""
+    compared = (
+        "reward_mean", "loss", "loss/grpo", "loss/sdpo", "grad_norm", "sdpo_fraction", "logp_gap_max",
+        "is/tis_mean", "is/tis_capped_frac", "rollout/policy_version", "rollout/staleness",
+    )  # fmt: skip
+    ahead = ("rollout.mode=disaggregated", "train.async_rollouts=true")
+    clean, crashed = tmp_path / "clean", tmp_path / "crashed"
+    _train(_resume_overrides(tiny_run_inputs, clean, *ahead))
+    expected = _records(clean)
+    assert sorted(expected) == [1, 2, 3, 4]
+    assert [expected[s]["rollout/policy_version"] for s in (1, 2, 3, 4)] == [0, 0, 1, 2]
+    assert [expected[s]["rollout/staleness"] for s in (1, 2, 3, 4)] == [0, 1, 1, 1]
+    assert expected[1]["logp_gap_max"] < 1e-4  # v_0 sampled it and trains on it
+    for s in (2, 3, 4):  # sampled by v_{s-2}, pi_old is v_{s-1}: lr 5e-4 moves the log-probs
+        assert expected[s]["logp_gap_max"] > 1e-3
+        assert expected[s]["is/tis_mean"] != 1.0
+    # steps 1-3 waited for the next step's batch before their sync; the last submits none
+    assert ["time/rollout_wait" in expected[s] for s in (1, 2, 3, 4)] == [True, True, True, False]
+    # the start's sync; step 1 generates its batch, then submits step 2's before training; every
+    # later generation is submitted after the sync of the step before (no update races one)
+    (log,) = (clean / "sglang").glob("sglang_*.log")
+    calls = [c.split()[0] for c in _calls(log) if c.startswith(("generate", "begin_weight_update"))]
+    sync, generate = "begin_weight_update", "generate"
+    assert calls == [sync, generate, generate, sync, generate, sync, generate, sync, sync]
+    assert (clean / "checkpoints" / "step_000002" / "rollouts_ahead.pt").is_file()
+    assert not (clean / "checkpoints" / "step_000004" / "rollouts_ahead.pt").exists()
+
+    _sigkill_after_step_2_then_resume(_resume_overrides(tiny_run_inputs, crashed, *ahead), crashed)
+    resumed = _records(crashed)
     assert sorted(resumed) == [1, 2, 3, 4]
     for step in (1, 2, 3, 4):
         assert {k: resumed[step][k] for k in compared} == {k: expected[step][k] for k in compared}, step
