@@ -18,6 +18,9 @@ import torch
 
 from srpo_megatron.rollout.engine import FinishReason, RolloutBatch, SamplingParams
 
+_BLOCK = 1024  # vocabulary entries per block of the two-level inverse CDF
+_CANDIDATES = 64  # top tokens searched for the nucleus before falling back to a full sort
+
 
 def sample_top_p(
     logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None
@@ -26,21 +29,69 @@ def sample_top_p(
 
     logits: [N, V]. Temperature first, then the smallest set of tokens whose probability reaches
     ``top_p`` is kept (at least one) and renormalised.
+
+    One uniform per row, inverted through the CDF (``torch.multinomial`` draws an exponential per
+    vocabulary entry instead: 152k random numbers per token, half of a tiny model's decode time on
+    a CPU). The nucleus is looked for among the top ``_CANDIDATES`` tokens and the vocabulary is
+    sorted only for the rows whose nucleus is larger.
     """
-    scaled = logits.float() / temperature  # [N, V]
+    scaled = logits.float() if temperature == 1.0 else logits.float() / temperature  # [N, V]
+    peak = scaled.amax(-1, keepdim=True)  # [N, 1]
+    weights = (scaled - peak).exp_()  # [N, V] unnormalised probabilities, 1 at the peak
+    u = torch.rand(scaled.shape[0], generator=generator, dtype=torch.float64, device=scaled.device)
     if top_p < 1.0:
-        sorted_logits, order = scaled.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        # drop a token when the mass before it already reaches top_p (the top token always stays)
-        drop_sorted = probs.cumsum(-1) - probs >= top_p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        scaled = scaled.masked_fill(drop, float("-inf"))
-    # not log_softmax: on the CPU its fp32 sum drops much of the tail of a peaked distribution over a
-    # large vocabulary (1.6e-4 too high at the peak of a 152k-vocab row with 2.6e-3 tail mass);
-    # logsumexp keeps it (4e-7), as the actor's vocab-parallel op does
-    logp_all = scaled - scaled.logsumexp(-1, keepdim=True)  # [N, V]
-    token = torch.multinomial(logp_all.exp(), 1, generator=generator).squeeze(-1)  # [N]
-    return token, logp_all.gather(-1, token[:, None]).squeeze(-1)
+        token, mass = _sample_nucleus(weights, top_p, u)
+    else:
+        token, mass = _sample_all(weights, u)
+    # log w - log(mass) with log w taken from the logits, not from its rounded exp
+    logp = (scaled.gather(-1, token[:, None]) - peak).squeeze(-1).double() - mass.log()
+    return token, logp.float()
+
+
+def _sample_all(weights: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse CDF over the whole vocabulary in two levels: a block by the fp64 cumulative sum of
+    the blocks' sums, then a token within it. Returns (token [N], total weight [N] fp64)."""
+    n, vocab = weights.shape
+    full = vocab - vocab % _BLOCK
+    sums = weights[:, :full].view(n, -1, _BLOCK).sum(-1)  # [N, full / _BLOCK]
+    if full < vocab:
+        sums = torch.cat([sums, weights[:, full:].sum(-1, keepdim=True)], dim=-1)
+    block_cdf = sums.cumsum(-1, dtype=torch.float64)  # [N, blocks]
+    total = block_cdf[:, -1]
+    target = u * total  # [N] in [0, total)
+    block = torch.searchsorted(block_cdf, target[:, None], right=True).clamp_(max=block_cdf.shape[1] - 1)
+    before = torch.where(block > 0, block_cdf.gather(-1, (block - 1).clamp(min=0)), 0.0)  # [N, 1]
+    ids = block * _BLOCK + torch.arange(_BLOCK, device=weights.device)  # [N, _BLOCK]
+    inside = weights.gather(-1, ids.clamp(max=vocab - 1)).masked_fill(ids >= vocab, 0.0)
+    cdf = inside.cumsum(-1, dtype=torch.float64) + before  # [N, _BLOCK]
+    j = torch.searchsorted(cdf, target[:, None], right=True).clamp_(max=_BLOCK - 1)
+    # the top end of a block (rounding): the block's last token of nonzero weight
+    j = torch.minimum(j, (inside > 0).cumsum(-1).argmax(-1, keepdim=True))
+    return ids.gather(-1, j).squeeze(-1), total
+
+
+def _sample_nucleus(
+    weights: torch.Tensor, top_p: float, u: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse CDF over the nucleus, found among the top ``_CANDIDATES`` tokens (rows whose nucleus
+    is larger sort their whole vocabulary). Returns (token [N], the nucleus' weight [N] fp64)."""
+    total = weights.sum(-1, dtype=torch.float64)  # [N]
+    top_w, top_ids = weights.topk(min(_CANDIDATES, weights.shape[-1]), dim=-1)  # descending
+    token, mass = _draw_sorted(top_w, top_ids, total, top_p, u)
+    wide = (top_w.sum(-1, dtype=torch.float64) < top_p * total).nonzero().squeeze(-1)
+    if wide.numel():
+        w, ids = weights[wide].sort(-1, descending=True)
+        token[wide], mass[wide] = _draw_sorted(w, ids, total[wide], top_p, u[wide])
+    return token, mass
+
+
+def _draw_sorted(w, ids, total, top_p: float, u):
+    """w: [n, c] weights in descending order with the nucleus among them, ids: their tokens. A token
+    stays when the weight before it is under top_p of the total (the first always stays)."""
+    cum = w.cumsum(-1, dtype=torch.float64)  # [n, c]
+    kept = torch.where(cum - w < top_p * total[:, None], cum, 0.0).amax(-1)  # [n] the nucleus' weight
+    j = torch.searchsorted(cum, (u * kept)[:, None], right=True)
+    return ids.gather(-1, j).squeeze(-1), kept
 
 
 class HFEngine:
@@ -48,10 +99,20 @@ class HFEngine:
 
     pad_token_id: any id; it only fills positions the attention mask hides.
     max_batch_size: samples per decode batch (``None``: all ``B * n`` at once).
+    num_threads: torch's intra-op threads while generating (``None``: as they are). The trainer
+    gives the engine the cores of the local ranks that wait for its rollouts.
     """
 
-    def __init__(self, model: torch.nn.Module, *, pad_token_id: int = 0, max_batch_size: int | None = None):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        pad_token_id: int = 0,
+        max_batch_size: int | None = None,
+        num_threads: int | None = None,
+    ):
         self.model = model.eval()
+        self.num_threads = num_threads
         self.pad_token_id = pad_token_id
         self.max_batch_size = max_batch_size
         self.params = dict(model.named_parameters())  # tied weights appear once, under the input name
@@ -76,14 +137,19 @@ class HFEngine:
             generator = torch.Generator(device=self.device).manual_seed(params.seed)
         step = self.max_batch_size or max(len(prompt_index), 1)
         responses, logps, reasons = [], [], []
-        for start in range(0, len(prompt_index), step):
-            chunk = [list(prompt_ids[i]) for i in prompt_index[start : start + step]]
-            r, lp, fr = self._generate_batch(chunk, params, generator)
-            responses += r
-            logps += lp
-            reasons += fr
-            if on_done is not None:
-                on_done(len(chunk))
+        threads = torch.get_num_threads()
+        torch.set_num_threads(self.num_threads or threads)
+        try:
+            for start in range(0, len(prompt_index), step):
+                chunk = [list(prompt_ids[i]) for i in prompt_index[start : start + step]]
+                r, lp, fr = self._generate_batch(chunk, params, generator)
+                responses += r
+                logps += lp
+                reasons += fr
+                if on_done is not None:
+                    on_done(len(chunk))
+        finally:
+            torch.set_num_threads(threads)
         return RolloutBatch(
             prompt_index=prompt_index,
             prompt_ids=[list(prompt_ids[i]) for i in prompt_index],
@@ -101,11 +167,13 @@ class HFEngine:
             input_ids[row, width - len(p) :] = torch.tensor(p, device=device)
             mask[row, width - len(p) :] = 1
         stop = torch.tensor(params.stop_token_ids or [-1], device=device)
-        done = torch.zeros(n, dtype=torch.bool, device=device)
-        tokens, logps = [], []
+        tokens = torch.zeros((n, params.max_new_tokens), dtype=torch.long)
+        logps = torch.zeros((n, params.max_new_tokens))
+        lengths = torch.zeros(n, dtype=torch.long)
+        alive = torch.arange(n)  # the rows still generating: a finished row leaves the batch (and the cache)
         past = None
         step_ids = input_ids
-        for _ in range(params.max_new_tokens):
+        for t in range(params.max_new_tokens):
             position_ids = (mask.cumsum(-1) - 1).clamp(min=0)[:, -step_ids.shape[1] :]
             out = self.model(
                 input_ids=step_ids,
@@ -117,19 +185,19 @@ class HFEngine:
             )
             past = out.past_key_values
             token, logp = sample_top_p(out.logits[:, -1], params.temperature, params.top_p, generator)
-            token = token.masked_fill(done, self.pad_token_id)
-            tokens.append(token)
-            logps.append(logp)
-            mask = torch.cat([mask, (~done).long()[:, None]], dim=-1)
-            done = done | torch.isin(token, stop)
-            step_ids = token[:, None]
-            if done.all():
+            tokens[alive, t], logps[alive, t] = token.cpu(), logp.cpu()
+            lengths[alive] += 1
+            going = ~torch.isin(token, stop)
+            if not going.any():
                 break
-        tokens_t = torch.stack(tokens, 1).cpu()  # [N, T]
-        logps_t = torch.stack(logps, 1).cpu()  # [N, T]
-        lengths = (mask[:, width:].sum(-1)).cpu()  # tokens generated before (and including) the stop
-        responses = [tokens_t[i, : lengths[i]].tolist() for i in range(n)]
-        logp_list = [logps_t[i, : lengths[i]].clone() for i in range(n)]
+            if not going.all():
+                keep = going.nonzero().squeeze(-1)
+                past.batch_select_indices(keep)
+                alive, mask, token = alive[keep.cpu()], mask[keep], token[keep]
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=-1)
+            step_ids = token[:, None]
+        responses = [tokens[i, : lengths[i]].tolist() for i in range(n)]
+        logp_list = [logps[i, : lengths[i]].clone() for i in range(n)]
         stop_set = set(params.stop_token_ids)
         reasons: list[FinishReason] = ["stop" if r and r[-1] in stop_set else "length" for r in responses]
         return responses, logp_list, reasons

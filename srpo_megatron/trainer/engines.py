@@ -70,7 +70,16 @@ def _hf_engine(cfg: Config, tokenizer) -> HFEngine:
 
     dtype = torch.float32 if cfg.model.dtype == "float32" else torch.bfloat16
     model = AutoModelForCausalLM.from_pretrained(cfg.model.hf_dir, dtype=dtype)
-    return HFEngine(model, pad_token_id=tokenizer.pad_token_id or 0, max_batch_size=cfg.rollout.hf_batch_size)
+    # the other local ranks wait while rank 0 generates (the HF engine has no async mode): their
+    # cores are the engine's meanwhile
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    threads = min(torch.get_num_threads() * local_ranks, len(os.sched_getaffinity(0)))
+    return HFEngine(
+        model,
+        pad_token_id=tokenizer.pad_token_id or 0,
+        max_batch_size=cfg.rollout.hf_batch_size,
+        num_threads=threads,
+    )
 
 
 def _start_sglang(cfg: Config) -> tuple[SGLangFleet, list[str]]:

@@ -55,8 +55,13 @@ def test_stop_and_length_finish_reasons(engine):
     stop = tuple(range(200))  # a fifth of the vocabulary: a near-uniform model stops now and then
     batch = engine.generate(PROMPTS, SamplingParams(n=4, max_new_tokens=5, stop_token_ids=stop, seed=0))
     assert set(batch.finish_reasons) == {"stop", "length"}
-    for ids, logp, reason in zip(batch.response_ids, batch.rollout_logp, batch.finish_reasons, strict=True):
+    assert len({len(ids) for ids in batch.response_ids}) > 2  # rows left the decode batch at different steps
+    for prompt, ids, logp, reason in zip(
+        batch.prompt_ids, batch.response_ids, batch.rollout_logp, batch.finish_reasons, strict=True
+    ):
         assert len(ids) == logp.numel() >= 1
+        # the rows that stay decode on with the finished ones gone from the batch and the KV cache
+        torch.testing.assert_close(logp, full_forward_logp(engine.model, prompt, ids, 1.0), atol=1e-5, rtol=0)
         assert all(t not in stop for t in ids[:-1])  # nothing after the stop token
         if reason == "stop":
             assert ids[-1] in stop
@@ -76,6 +81,53 @@ def test_top_p_keeps_the_smallest_set_reaching_p_and_renormalises():
         )
     t, logp = sample_top_p(logits, 1.0, 0.4, gen)  # the top token alone already reaches p
     assert int(t) == 0 and float(logp) == pytest.approx(0.0, abs=1e-6)
+
+
+def draw(logits, top_p, rows, seed=0):
+    """``rows`` samples from the one distribution ``logits`` [V]."""
+    return sample_top_p(logits.expand(rows, -1), 1.0, top_p, torch.Generator().manual_seed(seed))
+
+
+def test_sampled_frequencies_match_the_distribution_across_vocabulary_blocks():
+    """3,000 tokens: two full blocks of the two-level inverse CDF and a partial one; the heavy
+    tokens sit at the blocks' edges and at the last id."""
+    probs = torch.full((3000,), 0.2 / 2995)
+    heavy = {0: 0.1, 1023: 0.15, 1024: 0.2, 2047: 0.05, 2999: 0.3}
+    for token, p in heavy.items():
+        probs[token] = p
+    rows = 20_000
+    tokens, logp = draw(probs.log(), 1.0, rows)
+    torch.testing.assert_close(logp, probs.log()[tokens], atol=1e-6, rtol=0)
+    counts = torch.bincount(tokens, minlength=3000).double()
+    for token, p in heavy.items():  # within 5 standard deviations of the expected count
+        assert abs(counts[token] - rows * p) < 5 * (rows * p * (1 - p)) ** 0.5, token
+    light = counts.sum() - sum(counts[t] for t in heavy)
+    assert abs(light - rows * 0.2) < 5 * (rows * 0.2 * 0.8) ** 0.5
+
+
+def test_a_nucleus_wider_than_the_candidates_is_found_by_a_full_sort():
+    """top-p 0.5 of a gently sloped distribution over 3,000 tokens: 645 tokens, far more
+    than the top candidates searched first. Next to it, a peaked row, whose nucleus is among them."""
+    flat = -torch.arange(3000.0) / 1000  # token 0 most likely
+    peaked = torch.full((3000,), -20.0)
+    peaked[[7, 8, 9]] = torch.tensor([0.0, 0.0, -3.0])
+    for logits, nucleus_size in ((flat, None), (peaked, 2)):
+        probs = logits.softmax(-1).double()
+        order = probs.argsort(descending=True)
+        keep = (probs[order].cumsum(0) - probs[order]) < 0.5
+        nucleus = order[keep]
+        if nucleus_size is not None:
+            assert len(nucleus) == nucleus_size
+        else:
+            assert len(nucleus) == 645
+        tokens, logp = draw(logits, 0.5, 4000)
+        assert set(tokens.tolist()) <= set(nucleus.tolist())
+        assert len(set(tokens.tolist())) > 0.5 * len(nucleus)
+        renorm = (probs / probs[nucleus].sum()).log().float()
+        torch.testing.assert_close(logp, renorm[tokens], atol=1e-5, rtol=0)
+    both = torch.stack([flat, peaked])
+    tokens, _ = sample_top_p(both, 1.0, 0.5, torch.Generator().manual_seed(1))
+    assert int(tokens[0]) < 645 and int(tokens[1]) in (7, 8)
 
 
 def test_logp_is_exact_on_a_peaked_distribution_over_a_large_vocabulary():
