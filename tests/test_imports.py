@@ -9,6 +9,7 @@ below it in ``ALLOWED``, and no two import each other, directly or around a cycl
     config.py                    -> algorithms (its config section)
     models/, ops/, data/, rewards/ -> runtime
     algorithms/                  -> ops at most, and never megatron or torch.distributed
+    compare.py (srpo-compare)    -> plot, runtime (it runs the trainer as a program)
     runtime/, plot.py            -> nothing of ours
     errors.py                    <- anyone (UserError)
 """
@@ -34,6 +35,7 @@ ALLOWED = {
     "algorithms": {"ops"},
     "runtime": set(),
     "plot": set(),
+    "compare": {"plot", "runtime"},
     "errors": set(),
     "__init__": set(),
 }
