@@ -25,6 +25,7 @@ from srpo_megatron.data.tokenizer import load_tokenizer
 from srpo_megatron.rewards import score_science_mcq
 from srpo_megatron.rollout.engine import FinishReason, SamplingParams
 from srpo_megatron.rollout.hf_engine import HFEngine
+from srpo_megatron.runtime.quiet import silence_known_noise
 from srpo_megatron.trainer.rollouts import stop_token_ids
 
 
@@ -106,6 +107,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2, help="seeds per workload and engine")
     args = parser.parse_args()
+    silence_known_noise()
     from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(1)

@@ -131,6 +131,8 @@ def over_seeds(runs: list[list[dict]], key: str, smooth: int) -> tuple[list[int]
     first smoothed per seed (trailing ``smooth``-step mean)."""
     per_seed = []
     for records in runs:
+        if key == "teacher_entropy_mean":  # only the steps that ran the teacher (none for grpo)
+            records = [r for r in records if r.get("teacher_rollouts")]
         values = {r["step"]: float(r[key]) for r in records if isinstance(r.get(key), int | float)}
         if key == REWARD_KEY and smooth > 1:
             values = dict(zip(values, moving_average(list(values.values()), smooth), strict=True))
@@ -234,20 +236,24 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if not args.config.is_file():
         parser.error(f"--config {args.config}: no such file")
-    variants = list(dict.fromkeys(args.variants))
-    if len(variants) != len(args.variants):
+    if len(set(args.variants)) != len(args.variants):
         parser.error(f"--variants names one twice: {' '.join(args.variants)}")
 
     todo = [
-        (v, s) for v in variants for s in seeds(args) if logged_steps(run_dir(args.out, v, s)) < args.steps
+        (v, s)
+        for v in args.variants
+        for s in seeds(args)
+        if logged_steps(run_dir(args.out, v, s)) < args.steps
     ]
-    total = len(variants) * args.seeds
+    total = len(args.variants) * args.seeds
     print(f"srpo-compare: {total} runs of {args.steps} steps in {args.out}, {total - len(todo)} done already")
     for i, (variant, seed) in enumerate(todo, 1):
         start = time.monotonic()
         begun = logged_steps(run_dir(args.out, variant, seed))
         print(
-            f"[{i}/{len(todo)}] {variant} seed {seed}" + (f", from step {begun}" if begun else ""), flush=True
+            f"[{i}/{len(todo)}] {variant} seed {seed}"
+            + (f", continued ({begun} steps logged)" if begun else ""),
+            flush=True,
         )
         train(args, variant, seed)
         print(f"[{i}/{len(todo)}] {variant} seed {seed}: done in {(time.monotonic() - start) / 60:.1f} min")

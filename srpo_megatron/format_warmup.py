@@ -37,7 +37,7 @@ _FORMAT_RE = re.compile(r"<answer>[A-D]</answer>")
 @dataclass
 class WarmupConfig:
     """Defaults measured on 2 CPU cores (seed 0, ``outputs/tiny_qwen3/warmup.json``): 200 steps x 16
-    at lr 1e-3 in 176 s -> loss 0.174 (the floor is ln(4)/7 = 0.198 on answer prompts, one uniformly
+    at lr 1e-3 in 135 s -> loss 0.174 (the floor is ln(4)/7 = 0.198 on answer prompts, one uniformly
     random token in seven; teacher prompts can go below it: their letter is in the prompt), 88% in
     format at temperature 1 (100% greedy), accuracy 24% (26% greedy)."""
 
@@ -80,7 +80,7 @@ def format_warmup(model, tokenizer, config: WarmupConfig, *, progress: bool = Fa
 
     Deterministic by config.seed: the prompts and letters come from seeded `random.Random`
     streams and the model is trained in a fixed order with a fixed thread count.
-    progress: draw a bar with the loss and the time left (about 200 s of the tiny run's first start).
+    progress: draw a bar with the loss and the time left (about 150 s of the tiny run's first start).
     """
     rows = make_synthetic_rows(config.steps * config.batch_size, config.seed, split="warmup")
     letters = random.Random(f"warmup-letters/{config.seed}")

@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     print(
         f"making {args.out_dir} (once): a random tiny Qwen3, then a format warm-up of {config.steps} steps "
-        f"x {config.batch_size} (about 200 s on 2 cores)",
+        f"x {config.batch_size} (about 150 s on 2 cores)",
         flush=True,
     )
     start = time.perf_counter()

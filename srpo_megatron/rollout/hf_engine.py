@@ -90,7 +90,7 @@ def _draw_sorted(w, ids, total, top_p: float, u):
     stays when the weight before it is under top_p of the total (the first always stays)."""
     cum = w.cumsum(-1, dtype=torch.float64)  # [n, c]
     kept = torch.where(cum - w < top_p * total[:, None], cum, 0.0).amax(-1)  # [n] the nucleus' weight
-    j = torch.searchsorted(cum, (u * kept)[:, None], right=True)
+    j = torch.searchsorted(cum, (u * kept)[:, None], right=True).clamp_(max=w.shape[-1] - 1)
     return ids.gather(-1, j).squeeze(-1), kept
 
 

@@ -79,7 +79,7 @@ def test_a_killed_comparison_runs_only_what_is_unfinished(tmp_path, monkeypatch,
     assert started == [("grpo", 8), ("srpo", 7), ("srpo", 8)]
     printed = capsys.readouterr().out
     assert "4 runs of 4 steps" in printed and "1 done already" in printed
-    assert "srpo seed 7, from step 2" in printed
+    assert "srpo seed 7, continued (2 steps logged)" in printed
 
 
 def test_bad_arguments_are_refused(tmp_path, capsys):
@@ -119,7 +119,7 @@ def test_real_runs_are_started_then_continued(tiny_run_inputs, tmp_path, capsys)
     assert compare.main([*base, "--steps", "2", *overrides]) == 0
     assert compare.main([*base, "--steps", "3", *overrides]) == 0
     printed = capsys.readouterr().out
-    assert "grpo seed 1234, from step 2" in printed
+    assert "grpo seed 1234, continued (2 steps logged)" in printed
     run = tmp_path / "cmp" / "grpo_s1234"
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3]
