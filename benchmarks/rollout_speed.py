@@ -14,6 +14,7 @@ they sample the same distribution (within the noise of the sample sizes).
 """
 
 import argparse
+import json
 import statistics
 import time
 
@@ -129,6 +130,7 @@ def main() -> None:
         ),
     }
     print(f"model {args.model}, {torch.get_num_threads()} thread (baseline), {args.threads} (engine)")
+    summary = {}
     for name, (path, num_prompts, params) in workloads.items():
         prompts, _ = tokenize_and_filter(load_rows(path)[:num_prompts], tokenizer, 256)
         params = {**params, "stop_token_ids": stops}
@@ -139,6 +141,12 @@ def main() -> None:
             print(f"{name:8s} {which:9s} {s:7.2f} s   response length {length:5.2f}   accuracy {acc:.3f}")
         ratio = figures["engine"][0] / figures["baseline"][0]
         print(f"{name:8s} ratio engine / baseline: {ratio:.3f}")
+        summary[name] = {
+            "baseline_s": round(figures["baseline"][0], 3),
+            "engine_s": round(figures["engine"][0], 3),
+            "ratio": round(ratio, 3),
+        }
+    print(json.dumps({"benchmark": "rollout_speed", "threads": args.threads, **summary}))
 
 
 if __name__ == "__main__":

@@ -43,6 +43,7 @@ PANELS = (
     ("sdpo_fraction", "SDPO fraction"),
     ("response_length_mean", "response length (tokens)"),
     ("teacher_entropy_mean", "teacher entropy"),
+    ("stop_fraction", "rollouts ending with a stop token"),
 )
 WINDOW = 10  # steps of the first / last reward columns
 
@@ -180,12 +181,16 @@ def make_figure(results: dict[str, list[list[dict]]], *, smooth: int) -> Figure:
             ax.fill_between(steps, low, high, color=colours[variant], alpha=0.2, linewidth=0)
     for ax in axes[len(PANELS) :]:
         ax.set_visible(False)
-    for ax in axes[len(PANELS) - cols :]:
+    for ax in axes[-cols:]:
         ax.set_xlabel("step")
     seeds_n = len(next(iter(results.values())))
     handles = [Line2D([], [], color=colours[v], label=v) for v in results]
-    fig.legend(handles=handles, loc="outside upper center", ncols=len(results))
-    fig.suptitle(f"mean over {seeds_n} seeds, band: +-1 standard deviation", fontsize=10)
+    fig.legend(
+        handles=handles,
+        loc="outside upper center",
+        ncols=len(results),
+        title=f"mean over {seeds_n} seeds, band: ±1 standard deviation",
+    )
     return fig
 
 
