@@ -163,7 +163,7 @@ def make_figure(results: dict[str, list[list[dict]]], *, smooth: int) -> Figure:
     fig = Figure(figsize=(5 * cols, 3.6 * rows + 0.6), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(rows, cols, sharex=True, squeeze=False).flatten()
-    colours = {v: f"C{i}" for i, v in enumerate(results)}
+    colours = {v: f"C{VARIANTS.index(v)}" for v in results}  # a variant has one colour in every picture
     evals = eval_key(results)
     for ax, (key, title) in zip(axes, PANELS, strict=False):
         if key == "eval":
