@@ -76,9 +76,13 @@ def test_dp2_micro_batched_gradient_equals_the_whole_batch_gradient(sharded_and_
 
 def test_dp2_logged_loss_equals_the_whole_batch_loss(sharded_and_whole):
     sharded, whole = (run["metrics"][0] for run in sharded_and_whole)
-    # (the divergence itself is fp32 noise here: the teacher equals the student at step 1)
-    for key in ("loss", "loss/grpo", "loss/sdpo", "route/sdpo_token_frac", "is/tis_mean", "grpo/ratio_mean"):
+    for key in ("loss", "loss/grpo", "route/sdpo_token_frac", "is/tis_mean", "grpo/ratio_mean"):
         assert sharded[key] == pytest.approx(whole[key], rel=1e-5, abs=1e-9), key
+    # The divergence is ~1e-8 here (the teacher has the student's weights at step 1 and the tiny random
+    # model's near-uniform distributions hardly move with the teacher prompt); its fp32 rounding differs
+    # by ~2e-9 between the two micro-batch layouts (measured: 9.7e-9 against 1.15e-8). A reduction
+    # that double-counted or dropped a rank's share would be off by the value itself.
+    assert sharded["loss/sdpo"] == pytest.approx(whole["loss/sdpo"], abs=4e-9)
     assert sharded["loss/grpo"] != 0 and sharded["loss/sdpo"] != 0
     for key in ("reward_mean", "sdpo_fraction", "teacher_rollouts", "teacher_entropy_mean"):
         assert sharded[key] == pytest.approx(whole[key], rel=1e-5), key
