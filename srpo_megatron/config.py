@@ -114,6 +114,11 @@ class RolloutConfig:
     speed (README, "Rollout engines")."""
     server_module: str = "sglang.launch_server"
     """What launched engines run (``python -m <module>``); tests use a CPU stand-in."""
+    server_python: str | None = None
+    """The Python of launched engines: an environment with ``sglang==0.5.23`` (its own
+    transformers pin), e.g. ``.venv-sglang/bin/python`` from ``scripts/install.sh --sglang``.
+    Default: the trainer's own. Without CUDA the engines run on the CPU (README, "SGLang on the
+    CPU")."""
     startup_timeout_s: float = 900.0
     """Launched engines must answer /health within this."""
     call_timeout_s: float = 3600.0

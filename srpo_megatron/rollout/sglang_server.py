@@ -10,6 +10,14 @@ and a crashed engine is a dead process with a log, not a hung call. The flags ar
     wait_until_healthy([server], timeout_s=900)
     ... SGLangEngine.connect(server.url, tp_size=4) ...
     server.stop()
+
+On a machine without CUDA the server runs on the CPU (``ServerSpec(device="cpu")``): SGLang's CPU
+engine (``SGLANG_USE_CPU_ENGINE=1``) with plain-torch attention and sampling, no CUDA graphs, a
+KV cache of ``CPU_MAX_TOTAL_TOKENS`` (SGLang would size it from the machine's RAM otherwise), and
+``sglang_cpu/`` first on its ``PYTHONPATH``: two work-arounds for the CUDA build of PyPI's torch
+and sgl_kernel, each file naming what it works around. ``python``: the interpreter of an
+environment that has sglang (it pins its own transformers; ``scripts/install.sh --sglang`` makes
+``.venv-sglang``).
 """
 
 import contextlib
@@ -24,6 +32,17 @@ from pathlib import Path
 
 from srpo_megatron.rollout.sglang_engine import EngineError, SGLangHTTPClient
 from srpo_megatron.runtime.distributed import child_process_env
+
+CPU_SHIMS = Path(__file__).parent / "sglang_cpu"
+CPU_MAX_TOTAL_TOKENS = 32768
+CPU_FLAGS = (
+    "--device", "cpu",
+    "--attention-backend", "torch_native",
+    "--sampling-backend", "pytorch",
+    "--disable-cuda-graph",
+    "--skip-server-warmup",
+    "--max-total-tokens", str(CPU_MAX_TOTAL_TOKENS),
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -43,6 +62,10 @@ class ServerSpec:
     extra_args: tuple[str, ...] = ()
     """Further ``launch_server`` flags, as given (e.g. ``("--cuda-graph-backend-decode=disabled",)``)."""
     module: str = "sglang.launch_server"
+    python: str = sys.executable
+    """The interpreter that runs the server (an environment with sglang)."""
+    device: str = "cuda"
+    """``cuda`` or ``cpu`` (module docstring)."""
 
     @property
     def url(self) -> str:
@@ -50,7 +73,7 @@ class ServerSpec:
 
     def command(self) -> list[str]:
         cmd = [
-            sys.executable, "-m", self.module,
+            self.python, "-m", self.module,
             "--model-path", self.model_path,
             "--tp-size", str(self.tp_size),
             "--base-gpu-id", str(self.base_gpu_id),
@@ -64,7 +87,17 @@ class ServerSpec:
             cmd.append("--enable-memory-saver")
         if self.deterministic:
             cmd.append("--enable-deterministic-inference")
-        return cmd + list(self.extra_args)
+        if self.device == "cpu":
+            cmd += CPU_FLAGS
+        return cmd + list(self.extra_args)  # last: a flag given twice takes its last value
+
+    def env(self) -> dict[str, str]:
+        """The launcher's variables left out (the server builds its own process groups)."""
+        env = child_process_env()
+        if self.device == "cpu":
+            env["SGLANG_USE_CPU_ENGINE"] = "1"
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(CPU_SHIMS), env.get("PYTHONPATH")]))
+        return env
 
 
 @dataclass
@@ -104,8 +137,7 @@ def _signal_group(pgid: int, sig: int) -> None:
 
 def launch_server(spec: ServerSpec, log_dir: Path) -> ServerProcess:
     """Start one server (returns at once; see ``wait_until_healthy``). Output goes to
-    ``<log_dir>/sglang_<port>.log``. The launcher's torchrun variables are not passed on: the
-    server builds its own process groups."""
+    ``<log_dir>/sglang_<port>.log``."""
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"sglang_{spec.port}.log"
     with open(log_path, "ab") as log:
@@ -113,7 +145,7 @@ def launch_server(spec: ServerSpec, log_dir: Path) -> ServerProcess:
             spec.command(),
             stdout=log,
             stderr=subprocess.STDOUT,
-            env=child_process_env(),
+            env=spec.env(),
             start_new_session=True,  # its own process group: stop() signals the whole server
             preexec_fn=_die_with_parent,
         )

@@ -11,11 +11,13 @@ with the weight sync that feeds them after every step, picked here once (``rollo
 import os
 import secrets
 import socket
+import sys
 
 import torch
 import torch.distributed as dist
 
 from srpo_megatron.config import Config
+from srpo_megatron.errors import UserError
 from srpo_megatron.rollout.engine import RolloutEngine
 from srpo_megatron.rollout.hf_engine import HFEngine
 from srpo_megatron.rollout.sglang_engine import SGLangEngine
@@ -94,8 +96,12 @@ def _start_sglang(cfg: Config) -> tuple[SGLangFleet, list[str]]:
         else:
             log_dir = cfg.output_dir / "sglang"
             servers = [launch_server(spec, log_dir) for spec in _server_specs(cfg)]
-            gpus = ", ".join(_gpu_range(s.spec.base_gpu_id, r.engine_tp) for s in servers)
-            print(f"SGLang: starting {len(servers)} engine(s), {r.mode}, on {gpus}; logs in {log_dir}")
+            where = (
+                ", ".join(_gpu_range(s.spec.base_gpu_id, r.engine_tp) for s in servers)
+                if torch.cuda.is_available()
+                else "the CPU"
+            )
+            print(f"SGLang: starting {len(servers)} engine(s), {r.mode}, on {where}; logs in {log_dir}")
             wait_until_healthy(servers, r.startup_timeout_s)
             urls = [s.url for s in servers]
         engines = [SGLangEngine.connect(u, tp_size=r.engine_tp, timeout_s=r.call_timeout_s) for u in urls]
@@ -141,20 +147,25 @@ def _gpu_range(first: int, count: int) -> str:
 
 def _server_specs(cfg: Config):
     """One launch per engine on this node: colocated on the training GPUs from GPU 0, disaggregated
-    on the GPUs after them (``validate_layout`` checked that they fit the node's processes)."""
+    on the GPUs after them (``validate_layout`` checked that they fit the node's processes). Without
+    CUDA, on the CPU: SGLang binds a CPU server's threads to the cores of NUMA node ``base_gpu_id``,
+    so every engine gets node 0, and one rank (TP 1)."""
     r = cfg.rollout
+    on_gpus = torch.cuda.is_available()
     first = 0 if r.mode == "colocated" else int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size()))
     needed = first + r.num_engines * r.engine_tp
-    if torch.cuda.is_available() and torch.cuda.device_count() < needed:
+    if on_gpus and torch.cuda.device_count() < needed:
         raise ValueError(
             f"config: rollout: {r.num_engines} {r.mode} engine(s) x TP {r.engine_tp} need GPUs {first}.."
             f"{needed - 1} on this node, which has {torch.cuda.device_count()}"
         )
+    if not on_gpus and r.engine_tp != 1:
+        raise UserError(f"config: rollout.engine_tp={r.engine_tp}: SGLang engines on the CPU run TP 1")
     return [
         ServerSpec(
             model_path=cfg.model.hf_dir,
             tp_size=r.engine_tp,
-            base_gpu_id=first + i * r.engine_tp,
+            base_gpu_id=first + i * r.engine_tp if on_gpus else 0,
             port=find_free_port(),
             mem_fraction=r.mem_fraction,
             memory_saver=r.mode == "colocated",
@@ -162,6 +173,8 @@ def _server_specs(cfg: Config):
             dtype=cfg.model.dtype,
             extra_args=tuple(r.server_args),
             module=r.server_module,
+            python=r.server_python or sys.executable,
+            device="cuda" if on_gpus else "cpu",
         )
         for i in range(r.num_engines)
     ]

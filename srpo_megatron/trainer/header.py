@@ -8,6 +8,7 @@ import os
 from collections import Counter
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
 from srpo_megatron.config import Config
@@ -15,6 +16,7 @@ from srpo_megatron.models.qwen3.config import Qwen3Arch
 from srpo_megatron.models.qwen3.mapping import count_megatron_params
 from srpo_megatron.models.vocab import padded_vocab_size
 from srpo_megatron.rewards.registry import get_reward_fn
+from srpo_megatron.rollout.weight_sync.broadcast import broadcast_backend
 from srpo_megatron.trainer.checkpoint import checkpoint_root
 
 
@@ -27,9 +29,14 @@ def engine_plan(cfg: Config, local_world_size: int) -> str:
     if r.engine == "hf":
         return "the HF engine on global rank 0 (CPU / debugging)"
     engines = f"{r.num_engines} SGLang engine(s) x TP {r.engine_tp}"
-    weights = "weights by CUDA IPC" if r.mode == "colocated" else "weights by NCCL broadcast"
+    if r.mode == "colocated":
+        weights = "weights by CUDA IPC" if torch.cuda.is_available() else "weights in shared memory"
+    else:
+        weights = f"weights by {broadcast_backend()} broadcast"
     if r.engine_urls:
         return f"{engines} at {', '.join(r.engine_urls)} ({r.mode}), {weights}{_async(cfg)}"
+    if not torch.cuda.is_available():
+        return f"{engines}, launched {r.mode} on rank 0's node, on its CPU, {weights}{_async(cfg)}"
     first = 0 if r.mode == "colocated" else local_world_size
     where = f"GPUs {first}-{first + r.num_engines * r.engine_tp - 1} of rank 0's node"
     memory = ", memory released while the actor trains" if r.mode == "colocated" else ""

@@ -11,7 +11,10 @@ model_runner_components/weight_updater.py`` ``init_weights_update_group`` /
    (its own TCP rendezvous at ``master_address:master_port``, keys under ``group_name``) as rank
    ``rank_offset + tp_rank``. The trainer's sending rank joins the same rendezvous as rank 0, so
    ``world_size = 1 + sum(engine TP sizes)`` and replica ``r`` gets ``rank_offset = 1 + r * tp``.
-   The NCCL communicators are built at the first broadcast, not at the join (``WeightsUpdateGroup``).
+   Each engine rank builds its process group inside that request, and the sender builds its own
+   while the requests are pending: gloo connects in the group's constructor, so a sender that
+   waited for the answers first would wait for engines that wait for it; NCCL (no ``device_id``)
+   connects at the first broadcast on every side.
 2. per bucket: the engine is asked to ``update_weights_from_distributed(names, dtypes, shapes,
    group_name, flush_cache, load_format="flattened_bucket")``; every engine rank allocates the
    tensors, receives ONE broadcast from group rank 0 into their concatenated bytes, rebuilds them
@@ -36,6 +39,7 @@ is how we know the messages and byte layout are right without SGLang.
 """
 
 import datetime
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
@@ -64,6 +68,13 @@ from srpo_megatron.runtime.distributed import find_free_port, from_rank_0, host_
 
 FLATTENED_BUCKET = "flattened_bucket"
 CLEANUP_TIMEOUT_S = 30.0
+JOIN_TIMEOUT_S = 300.0
+"""Deadline of joining a weight-update group: a rendezvous and, with gloo, a connection per rank."""
+
+
+def broadcast_backend() -> str:
+    """The weight-update groups' backend: NCCL between GPUs, gloo with CPU engines."""
+    return "nccl" if torch.cuda.is_available() else "gloo"
 
 
 class WeightReceiverHandle(Protocol):
@@ -125,13 +136,12 @@ def update_message(
 class WeightsUpdateGroup:
     """One rank's membership of a weight-update group, made the way SGLang's engine ranks make theirs
     (``init_custom_process_group``, ``srt/utils/common.py`` in 0.5.23): a TCP rendezvous at
-    ``master_address:master_port`` (the sender, rank 0, hosts the store) when joining, keys under
-    ``group_name``, and no ``device_id``, so NCCL builds its communicator at the group's first
-    collective. The trainer must do the same: an eager NCCL group (``device_id`` given) blocks its
-    creator until every rank has built its communicator (torch >= 2.7.1), and an engine builds its
-    own only at the first ``update_weights_from_distributed`` broadcast, which the trainer sends
-    after joining. gloo connects inside the group's constructor, so the group itself is created on
-    first use (the first broadcast, on either side), which makes gloo behave like lazy NCCL on CPU."""
+    ``master_address:master_port`` (the sender, rank 0, hosts the store), keys under
+    ``group_name``, then the process group itself, with no ``device_id``. Its constructor returns
+    once every rank has made its own with gloo (which connects there); with NCCL the communicator
+    is built at the group's first collective (an eager NCCL group, ``device_id`` given, would block
+    its creator until every rank has built its communicator, torch >= 2.7.1, and an engine builds
+    its own only at the first ``update_weights_from_distributed`` broadcast)."""
 
     def __init__(
         self,
@@ -143,35 +153,26 @@ class WeightsUpdateGroup:
         backend: str,
         timeout: datetime.timedelta = datetime.timedelta(minutes=10),
     ):
+        from torch.distributed.distributed_c10d import Backend, _new_process_group_helper, _world
+
         store, self.rank, self.world_size = next(
             dist.rendezvous(f"tcp://{master_address}:{master_port}", rank, world_size, timeout=timeout)
         )
         store.set_timeout(timeout)
-        self.store = dist.PrefixStore(group_name, store)
-        self.group_name, self.backend, self.timeout = group_name, backend, timeout
-        self._group: dist.ProcessGroup | None = None
-
-    @property
-    def group(self) -> dist.ProcessGroup:
-        if self._group is None:
-            from torch.distributed.distributed_c10d import Backend, _new_process_group_helper, _world
-
-            self._group, _ = _new_process_group_helper(
-                self.world_size,
-                self.rank,
-                [],
-                Backend(self.backend),
-                self.store,
-                group_name=self.group_name,
-                timeout=self.timeout,
-            )
-            _world.pg_group_ranks[self._group] = {i: i for i in range(self.world_size)}
-        return self._group
+        self.group_name, self.backend = group_name, backend
+        self.group, _ = _new_process_group_helper(
+            world_size,
+            rank,
+            [],
+            Backend(backend),
+            dist.PrefixStore(group_name, store),
+            group_name=group_name,
+            timeout=timeout,
+        )
+        _world.pg_group_ranks[self.group] = {i: i for i in range(world_size)}
 
     def destroy(self) -> None:
-        if self._group is not None:
-            dist.destroy_process_group(self._group)
-        self._group = None
+        dist.destroy_process_group(self.group)
 
 
 def _wait(futures: Sequence[tuple[str, Future]], what: str, timeout_s: float) -> None:
@@ -203,6 +204,7 @@ class BroadcastWeightSender:
         *,
         bucket_bytes: int = DEFAULT_BUCKET_BYTES,
         timeout_s: float = 600.0,
+        join_timeout_s: float = JOIN_TIMEOUT_S,
         device: torch.device | str | None = None,
     ):
         if not engines:
@@ -211,6 +213,7 @@ class BroadcastWeightSender:
         self.address = address
         self.bucket_bytes = bucket_bytes
         self.timeout_s = timeout_s
+        self.join_timeout_s = min(join_timeout_s, timeout_s)
         self.device = device
         self.member: WeightsUpdateGroup | None = None
         self.failed = False
@@ -222,7 +225,9 @@ class BroadcastWeightSender:
         return 1 + sum(e.world_size for e in self.engines)
 
     def connect(self) -> None:
-        """Ask every engine to join, join as rank 0, and wait for all of them."""
+        """Ask every engine to join, join as rank 0 while they do (see the module docstring), and
+        wait for every answer. An engine that refuses, dies or does not answer within
+        ``join_timeout_s`` is a ``WeightSyncError`` naming it and the group."""
         a = self.address
         futures, offset = [], 1
         for engine in self.engines:
@@ -236,16 +241,38 @@ class BroadcastWeightSender:
             )
             futures.append((engine.name, future))
             offset += engine.world_size
-        self.member = WeightsUpdateGroup(
-            a.master_address,
-            a.master_port,
-            0,
-            self.world_size,
-            a.group_name,
-            a.backend,
-            timeout=datetime.timedelta(seconds=self.timeout_s),
-        )
-        _wait(futures, f"init_weights_update_group({a.group_name!r})", self.timeout_s)
+        member: Future = Future()
+
+        def join() -> None:  # blocks (gloo) until every engine rank has built its side
+            try:
+                member.set_result(
+                    WeightsUpdateGroup(
+                        a.master_address,
+                        a.master_port,
+                        0,
+                        self.world_size,
+                        a.group_name,
+                        a.backend,
+                        timeout=datetime.timedelta(seconds=self.timeout_s),
+                    )
+                )
+            except BaseException as e:
+                member.set_exception(e)
+
+        # a daemon: a join that never completes must not keep the process alive
+        threading.Thread(target=join, name=f"join-{a.group_name}", daemon=True).start()
+        where = f"init_weights_update_group({a.group_name!r} at {a.master_address}:{a.master_port})"
+        start = time.monotonic()
+        _wait(futures, where, self.join_timeout_s)
+        try:
+            self.member = member.result(timeout=max(0.0, start + self.join_timeout_s - time.monotonic()))
+        except FutureTimeout:
+            raise WeightSyncError(
+                f"{where}: the engines answered, but the trainer's side of the group was not built "
+                f"within {self.join_timeout_s:g} s"
+            ) from None
+        except Exception as e:
+            raise WeightSyncError(f"{where}: the trainer could not join: {e!r}") from e
 
     def send(self, named_tensors: Iterable[tuple[str, torch.Tensor]], *, flattened: bool = True) -> SyncStats:
         """Bucket the stream and broadcast it; returns once every engine has loaded every bucket.
@@ -276,8 +303,7 @@ class BroadcastWeightSender:
                 meta, payload = bucket_meta(bucket), [t.contiguous() for _, t in bucket]
             message = update_message(meta, self.address.group_name, flattened=flattened)
             futures = [(e.name, e.request_receive(message)) for e in self.engines]
-            group = self.member.group  # made at the first bucket, as the engines make theirs
-            works = [dist.broadcast(t, group=group, group_src=0, async_op=True) for t in payload]
+            works = [dist.broadcast(t, group=self.member.group, group_src=0, async_op=True) for t in payload]
             if in_flight is not None:
                 self._finish(*in_flight)
             in_flight = (index, meta, futures, works, payload)
@@ -459,8 +485,9 @@ class BroadcastWeightSync:
         if sends:
             try:
                 engines = [SGLangEngine.connect(u, tp_size=engine_tp, timeout_s=timeout_s) for u in urls]
-                backend = "nccl" if torch.cuda.is_available() else "gloo"
-                address = GroupAddress(master_address, find_free_port(), f"{group_name}_pp{stage}", backend)
+                address = GroupAddress(
+                    master_address, find_free_port(), f"{group_name}_pp{stage}", broadcast_backend()
+                )
                 device = (
                     torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
                 )
