@@ -1,6 +1,11 @@
 """A stand-in SGLang server for CPU tests: sglang 0.5.23's HTTP routes and weight-update protocol,
 answered by the HF engine. Not an inference engine (one request at a time, a small HF model).
 
+What the tests check against the real server (0.5.23 on the CPU, the ``sglang`` test tier) they
+do not check here. The stand-in is for what a real server cannot give a CPU test: deaths on
+demand (one real start per death costs 30-90 s), and ``--enable-deterministic-inference`` and
+``--enable-memory-saver``, which SGLang has only on GPUs.
+
     python -m srpo_megatron.testing.fake_sglang_server --model-path DIR --port 30000 [sglang flags]
 
 It takes ``launch_server``'s flags (``rollout/sglang_server.py``) and is as strict and as lax as
@@ -22,9 +27,7 @@ SGLang 0.5.23 (read in its wheel: ``srt/entrypoints/http_server.py``, ``srt/mana
   sampled alone from its own seed (SGLang's mode is batch-invariant); otherwise the stand-in
   samples from a counter of its own, so a restarted server samples otherwise, as a real one does.
 
-Each request is logged to stdout as ``CALL <route> <detail>`` so a test can check the order of the
-trainer's calls (release -> resume weights -> update -> resume the rest), and on SIGTERM the
-checksums of the weights it holds as ``CHECKSUMS <json>``. Weights: ``update_weights_from_tensor``
+Weights: ``update_weights_from_tensor``
 (ForkingPickler payloads, base64) and the broadcast protocol through ``BroadcastWeightReceiver``
 (the trainer's own receive-side reference). It serves one request at a time, so it is never busy
 when asked to release memory (SGLang's scheduler asserts that it is idle then).
@@ -46,7 +49,6 @@ from srpo_megatron.rollout.engine import SamplingParams
 from srpo_megatron.rollout.hf_engine import HFEngine
 from srpo_megatron.rollout.sglang_engine import MEMORY_TAGS
 from srpo_megatron.rollout.weight_sync.broadcast import BroadcastWeightReceiver
-from srpo_megatron.rollout.weight_sync.verify import weight_checksums
 
 VERSION = "0.5.23"
 # the POST routes served, each with the fields its sglang 0.5.23 request class requires (the rest
@@ -62,7 +64,6 @@ REQUIRED = {
     "release_memory_occupation": set(),
     "resume_memory_occupation": set(),
     "flush_cache": set(),
-    "weights_checksums": set(),  # ours, not SGLang's: what the engine holds, for tests
 }
 # api/v1/api_types.py SamplingParams (0.5.23): "unknown keys rejected"
 SAMPLING_FIELDS = {
@@ -223,9 +224,6 @@ class FakeSGLang:
     def flush_cache(self, **_):
         return "Cache flushed.\n"
 
-    def weights_checksums(self, **_):
-        return weight_checksums(self.engine.named_weights())
-
 
 def _params(sampling: dict, seed: int) -> SamplingParams:
     return SamplingParams(
@@ -262,7 +260,6 @@ def make_handler(fake: FakeSGLang):
             if missing:  # FastAPI's answer to a body its request class does not validate
                 detail = [{"type": "missing", "loc": ["body", m], "msg": "Field required"} for m in missing]
                 return self._send(422, json.dumps({"detail": detail}).encode())
-            print(f"CALL {route} {_detail(route, body)}", flush=True)
             try:
                 answer = getattr(fake, route)(**body)
             except Refused as e:
@@ -282,22 +279,10 @@ def make_handler(fake: FakeSGLang):
             self.end_headers()
             self.wfile.write(body)
 
-        def log_message(self, *args):  # the CALL lines say enough
+        def log_message(self, *args):  # refusals and deaths are printed above
             pass
 
     return Handler
-
-
-def _detail(route: str, body: dict) -> str:
-    if route.endswith("memory_occupation"):
-        return ",".join(body.get("tags") or MEMORY_TAGS)
-    if route == "generate":
-        return f"{len(body['input_ids'])} requests"
-    if route == "update_weights_from_distributed":
-        return f"{body.get('group_name', 'weight_update_group')} {len(body['names'])} tensors"
-    if route.endswith("weights_update_group"):
-        return body.get("group_name", "weight_update_group")
-    return ""
 
 
 def main(argv=None) -> None:
@@ -317,12 +302,7 @@ def main(argv=None) -> None:
         sys.exit("fake_sglang_server: only --tp-size 1")
     fake = FakeSGLang(args)
     server = HTTPServer((args.host, args.port), make_handler(fake))
-
-    def stop(signum, frame):  # what it held at the end, for tests of runs that stop their servers
-        print(f"CHECKSUMS {json.dumps(fake.weights_checksums())}", flush=True)
-        sys.exit(0)
-
-    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     print(f"fake SGLang server on {args.host}:{args.port}", flush=True)
     server.serve_forever()
 

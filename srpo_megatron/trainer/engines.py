@@ -149,7 +149,8 @@ def _server_specs(cfg: Config):
     """One launch per engine on this node: colocated on the training GPUs from GPU 0, disaggregated
     on the GPUs after them (``validate_layout`` checked that they fit the node's processes). Without
     CUDA, on the CPU: SGLang binds a CPU server's threads to the cores of NUMA node ``base_gpu_id``,
-    so every engine gets node 0, and one rank (TP 1)."""
+    so every engine gets node 0, and one rank (TP 1); colocated ones run without the memory saver
+    (there is no GPU memory to give back)."""
     r = cfg.rollout
     on_gpus = torch.cuda.is_available()
     first = 0 if r.mode == "colocated" else int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size()))
@@ -168,7 +169,7 @@ def _server_specs(cfg: Config):
             base_gpu_id=first + i * r.engine_tp if on_gpus else 0,
             port=find_free_port(),
             mem_fraction=r.mem_fraction,
-            memory_saver=r.mode == "colocated",
+            memory_saver=r.mode == "colocated" and on_gpus,  # torch_memory_saver needs libcuda
             deterministic=r.deterministic,
             dtype=cfg.model.dtype,
             extra_args=tuple(r.server_args),

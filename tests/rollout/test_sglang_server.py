@@ -1,6 +1,8 @@
 """SGLang servers as the trainer launches and calls them, against the CPU protocol stand-in
-(``srpo_megatron.testing.fake_sglang_server``): HTTP answers, refusals and deaths, start-up
-failures."""
+(``srpo_megatron.testing.fake_sglang_server``), for the faults a real server cannot be made to give
+on demand without a server start per fault: deaths mid-call, a server that dies at start or with
+its launcher, a GPU server started without the memory saver. What a real server answers and refuses
+is tested against one: ``tests/trainer/test_sglang_cpu_server.py``."""
 
 import contextlib
 
@@ -9,7 +11,7 @@ import torch
 from tiny_qwen3 import tiny_qwen3_config
 
 from srpo_megatron.rollout.engine import SamplingParams
-from srpo_megatron.rollout.sglang_engine import EngineError, SGLangEngine, WeightSyncError, serialize_tensors
+from srpo_megatron.rollout.sglang_engine import EngineError, SGLangEngine, serialize_tensors
 from srpo_megatron.rollout.sglang_fleet import SGLangFleet
 from srpo_megatron.rollout.sglang_server import ServerSpec, launch_server, wait_until_healthy
 from srpo_megatron.runtime.distributed import find_free_port
@@ -46,12 +48,6 @@ def running_server(model_dir, log_dir, memory_saver=True):
         server.stop()
 
 
-@pytest.fixture
-def server(tiny_model_dir, tmp_path):
-    with running_server(tiny_model_dir, tmp_path) as server:
-        yield server
-
-
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
     from transformers import Qwen3ForCausalLM
@@ -61,43 +57,6 @@ def tiny_model_dir(tmp_path_factory):
     torch.manual_seed(0)
     Qwen3ForCausalLM(config).save_pretrained(path)
     return path
-
-
-def test_http_engine_generates_and_reports_refusals(server):
-    engine = SGLangEngine.connect(server.url, timeout_s=60)
-    batch = engine.generate(
-        [[1, 2, 3], [4]], SamplingParams(n=2, max_new_tokens=4, stop_token_ids=(5,), seed=0)
-    )
-    assert batch.prompt_index == [0, 0, 1, 1]
-    assert all(0 < len(r) <= 4 for r in batch.response_ids)
-    assert all((lp <= 0).all() for lp in batch.rollout_logp)
-    assert engine.server_info()["enable_memory_saver"] is True
-
-    # as SGLang: unknown top-level fields are ignored, unknown sampling parameters refused, a
-    # missing required field is FastAPI's 422
-    client = engine.client
-    out = client.generate(input_ids=[[1]], sampling_params={"max_new_tokens": 1}, return_logprob=True, typo=1)
-    assert len(out) == 1
-    with pytest.raises(EngineError, match="HTTP 400: .*unknown field `seed`"):
-        client.generate(input_ids=[[1]], sampling_params={"seed": 1}, return_logprob=True)
-    with pytest.raises(EngineError, match="HTTP 422: .*'master_port'"):
-        client.init_weights_update_group(master_address="127.0.0.1", rank_offset=1, world_size=2)
-
-    engine.release_memory()
-    engine.resume_memory(["weights"])
-    torch.multiprocessing.set_sharing_strategy("file_system")  # CPU tensors to a process not ours
-    norm = [("model.norm.weight", torch.full((64,), 3.0))]
-    with pytest.raises(WeightSyncError, match="must run between begin_weight_update"):
-        engine.update_weights_serialized([serialize_tensors(norm)])
-    engine.begin_weight_update()
-    with pytest.raises(WeightSyncError, match="already open"):
-        engine.begin_weight_update()
-    engine.update_weights_serialized([serialize_tensors(norm)])
-    engine.end_weight_update()
-    engine.resume_memory(["kv_cache", "cuda_graph"])
-    engine.flush_cache()  # a plain-text answer
-    held = dict(client._post("weights_checksums"))
-    assert held["model.norm.weight"][0] == pytest.approx(192.0)  # 64 x 3.0 arrived by shared memory
 
 
 def _wrong_shape_load(engine):

@@ -4,9 +4,11 @@ rank receives) joins the group, allocates, receives and loads by HF name. Result
 
 One receiver process and one sender world per test: every spawned process costs seconds of imports."""
 
-import datetime
 import multiprocessing as mp
 import pickle
+import re
+import time
+from concurrent.futures import Future
 
 import pytest
 import torch
@@ -155,91 +157,54 @@ def test_each_pp_stage_broadcasts_its_own_layers_bitwise():
     assert reports[0]["refused"]
 
 
-class FirstBroadcastJoiner:
-    """An engine rank that joins as SGLang 0.5.23's do on NCCL (``init_custom_process_group``
-    without a ``device_id``): the TCP rendezvous inside the join request, its communicator only when
-    the first broadcast needs it. In plain torch, apart from ``BroadcastWeightReceiver``; gloo builds
-    its communicator in the group's constructor, so the group is made at the first bucket."""
+class SilentEngine:
+    """A ``WeightReceiverHandle`` whose join request answers ``answer`` at once without joining
+    (``None``: never answers): an engine that cannot complete a join."""
 
-    def __init__(self):
-        self.pending, self.group, self.received, self.left = None, None, {}, []
+    name, world_size = "silent engine", 1
 
-    def init_weights_update_group(
-        self, master_address, master_port, rank_offset, world_size, group_name, backend
-    ):
-        store, rank, world = next(
-            dist.rendezvous(f"tcp://{master_address}:{master_port}", rank_offset, world_size)
-        )
-        self.pending = (world, rank, dist.PrefixStore(group_name, store), group_name, backend)
-        return True, "joined"
+    def __init__(self, answer):
+        self.answer = answer
 
-    def update_weights_from_distributed(self, names, dtypes, shapes, group_name, flush_cache, load_format):
-        from torch.distributed.distributed_c10d import Backend, _new_process_group_helper, _world
-
-        from srpo_megatron.rollout.weight_sync.buckets import BucketMeta, allocate_bucket, unflatten_bucket
-
-        if self.group is None:
-            world, rank, store, name, backend = self.pending
-            self.group, _ = _new_process_group_helper(
-                world,
-                rank,
-                [],
-                Backend(backend),
-                store,
-                group_name=name,
-                timeout=datetime.timedelta(seconds=60),
-            )
-            _world.pg_group_ranks[self.group] = {i: i for i in range(world)}
-        meta = BucketMeta(tuple(names), tuple(dtypes), tuple(tuple(s) for s in shapes))
-        flat = allocate_bucket(meta, "cpu")
-        dist.broadcast(flat, group=self.group, group_src=0)
-        self.received |= {n: t.clone() for n, t in unflatten_bucket(flat, meta)}
-        return True, "loaded"
-
-    def destroy_weights_update_group(self, group_name):
-        self.left.append(group_name)
-        dist.destroy_process_group(self.group)
-        return True, "destroyed"
-
-    def snapshot(self):
-        return True, pickle.dumps((self.received, self.left))
+    def request_join(self, **kwargs) -> Future:
+        future = Future()
+        if self.answer is not None:
+            future.set_result(self.answer)
+        return future
 
 
-def first_broadcast_joiner_main(requests, replies):
-    serve_requests(FirstBroadcastJoiner(), requests, replies)
+def join_engines_that_never_join(address):
+    outcomes = []
+    for answer in (None, (True, "joined"), (False, "no such backend")):
+        sender = BroadcastWeightSender([SilentEngine(answer)], address, timeout_s=60, join_timeout_s=3)
+        start = time.monotonic()
+        try:
+            sender.connect()
+        except WeightSyncError as e:
+            outcomes.append((str(e), time.monotonic() - start))
+        address = GroupAddress(address.master_address, find_free_port(), address.group_name, address.backend)
+    return outcomes
 
 
-def send_to_a_first_broadcast_joiner(address, requests, replies):
-    engine = LoopbackEngineHandle(requests, replies, client_id=0, name="lazy engine", timeout_s=60)
-    sender = BroadcastWeightSender([engine], address, bucket_bytes=1024, timeout_s=30)
-    sender.connect()  # must return although the engine has no communicator yet
-    sent = [("a", torch.arange(300.0)), ("b", torch.ones(7, dtype=torch.bfloat16)), ("c", torch.zeros(5))]
-    sender.send(sent)
-    sender.close()
-    ok, payload = engine._call("snapshot", {}).result()
-    engine.shutdown()
-    return dict(sent), pickle.loads(payload)
-
-
-def test_the_trainer_joins_engines_that_build_their_communicator_at_the_first_broadcast():
-    """Eagerly created groups deadlock against such engines: the trainer waits for their
-    communicator, they wait for the first bucket, which comes after the join."""
-    ctx = mp.get_context("spawn")
-    requests, replies = ctx.Queue(), [ctx.Queue()]
-    proc = ctx.Process(target=first_broadcast_joiner_main, args=(requests, replies))
-    proc.start()
+def test_a_join_that_cannot_complete_fails_in_bounded_time_naming_the_engine_and_the_group():
+    """The sender builds its side while the join requests are pending (gloo connects in the group's
+    constructor, on both sides, as SGLang's engines build theirs inside the request: waiting for the
+    answers first would wait for engines that wait for the sender). An engine that never answers,
+    one that answers without joining and one that refuses each fail the join within its deadline."""
     address = GroupAddress("127.0.0.1", find_free_port(), "weights_run1", backend="gloo")
-    [(sent, (received, left))] = run_distributed(
-        send_to_a_first_broadcast_joiner,
-        world_size=1,
-        megatron=False,
-        args=(address, requests, replies),
-        timeout=120,
+    [outcomes] = run_distributed(
+        join_engines_that_never_join, world_size=1, megatron=False, args=(address,), timeout=120
     )
-    proc.join(timeout=30)
-    assert proc.exitcode == 0
-    assert mismatches(received, sent) == [] and received.keys() == sent.keys()  # two buckets, bitwise
-    assert left == ["weights_run1"]  # the engine was asked to leave the group at the end
+    (silent, t1), (answered, t2), (refused, t3) = outcomes
+    where = r"init_weights_update_group\('weights_run1' at 127\.0\.0\.1:\d+\)"
+    assert re.fullmatch(
+        rf"engine 'silent engine' did not answer {where} within 3 s \(dead or stuck\?\)", silent
+    )
+    assert re.fullmatch(
+        rf"{where}: 'silent engine' answered, but the group was not complete within 3 s", answered
+    )
+    assert re.fullmatch(rf"engine 'silent engine' refused {where}: no such backend", refused)
+    assert max(t1, t2) < 10 and t3 < 1
 
 
 # -- Megatron senders (the exporter of models/qwen3) ---------------------------------------------

@@ -4,6 +4,7 @@ The reward is replaced by a parity rule on the response length (about half the r
 so every step has mixed groups and therefore SDPO-routed rollouts, even from a random model.
 """
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -139,3 +140,24 @@ def start_killable_run(fn_name: str, overrides: list[str], world_size: int) -> s
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+
+
+class ServerLog:
+    """What a real server logged after this object was made: its HTTP requests (uvicorn's access
+    lines) and the weight-update groups its ranks joined."""
+
+    def __init__(self, log_path: Path):
+        self.path = log_path
+        self.start = log_path.stat().st_size if log_path.exists() else 0
+
+    def text(self) -> str:
+        with open(self.path, "rb") as f:
+            f.seek(self.start)
+            return f.read().decode(errors="replace")
+
+    def routes(self) -> list[str]:
+        """``POST /generate`` -> ``generate``, in order (GET /health and /server_info left out)."""
+        return re.findall(r'"POST /(\w+) HTTP/1\.1" 200', self.text())
+
+    def joined_groups(self) -> list[str]:
+        return re.findall(r"init custom process group: .*group_name=(\S+),", self.text())

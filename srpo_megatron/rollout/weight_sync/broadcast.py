@@ -267,9 +267,9 @@ class BroadcastWeightSender:
         try:
             self.member = member.result(timeout=max(0.0, start + self.join_timeout_s - time.monotonic()))
         except FutureTimeout:
+            names = ", ".join(repr(e.name) for e in self.engines)
             raise WeightSyncError(
-                f"{where}: the engines answered, but the trainer's side of the group was not built "
-                f"within {self.join_timeout_s:g} s"
+                f"{where}: {names} answered, but the group was not complete within {self.join_timeout_s:g} s"
             ) from None
         except Exception as e:
             raise WeightSyncError(f"{where}: the trainer could not join: {e!r}") from e
