@@ -11,7 +11,9 @@ torchrun, a GPU or any weights.
 
 A mistake in what the user gave (``UserError``: a config key, a data file and row, the model or
 tokenizer directory, a checkpoint, a run directory in use) is one line on stderr from global
-rank 0, exit code 2, no traceback; anything else is an internal error with its full traceback.
+rank 0, exit code 2, no traceback; so is a service the run depends on that failed (``ServiceError``:
+a rollout engine that died, timed out or refused a call), exit code 3. Anything else is an internal
+error with its full traceback.
 """
 
 import argparse
@@ -20,7 +22,7 @@ import sys
 import time
 
 from srpo_megatron.config import Config, load_config, to_yaml, validate_layout
-from srpo_megatron.errors import UserError
+from srpo_megatron.errors import ServiceError, UserError
 from srpo_megatron.runtime.lifetime import die_with_parent
 from srpo_megatron.runtime.quiet import silence_known_noise
 
@@ -111,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
 
             print(config_line(args.config, overrides), flush=True)
         _train(cfg)
-    except UserError as err:
+    except (UserError, ServiceError) as err:
         if not rank_0:
             # Rank 0 reports it: every rank meets the same checks (errors.py), and torchrun stops
             # this rank once rank 0 has exited; exiting first could get rank 0 stopped before it
@@ -119,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(_REPORT_GRACE_S)
             err = f"(rank {os.environ['RANK']}) {err}"
         print(f"srpo-train: {err}", file=sys.stderr)
-        return 2
+        return 2 if isinstance(err, UserError) else 3
     return 0
 
 

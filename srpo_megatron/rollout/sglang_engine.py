@@ -52,11 +52,13 @@ from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from multiprocessing.reduction import ForkingPickler
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch.multiprocessing import reductions  # also registers torch's tensor reductions with ForkingPickler
 
+from srpo_megatron.errors import ServiceError
 from srpo_megatron.rollout.engine import FinishReason, RolloutBatch, SamplingParams
 
 # sglang.srt.constants (0.5.23): what release/resume_memory_occupation take as tags
@@ -67,11 +69,11 @@ MEMORY_TAGS = ("weights", "kv_cache", "cuda_graph")
 _CUDA_DEVICE_ARG = 6
 
 
-class EngineError(RuntimeError):
+class EngineError(ServiceError):
     """An SGLang engine died, timed out or answered a call with an error."""
 
 
-class WeightSyncError(RuntimeError):
+class WeightSyncError(ServiceError):
     """An engine died, timed out or refused a weight update; the engine's weights are suspect."""
 
 
@@ -250,17 +252,28 @@ class SGLangEngine:
     ``request_leave``) for ``BroadcastWeightSender``.
     """
 
-    def __init__(self, client: Any, *, tp_size: int = 1, name: str = "sglang", timeout_s: float = 600.0):
+    def __init__(
+        self,
+        client: Any,
+        *,
+        tp_size: int = 1,
+        name: str = "sglang",
+        timeout_s: float = 600.0,
+        log_path: Path | None = None,
+    ):
         self.client = client
         self.world_size = tp_size
         self.name = name
         self.timeout_s = timeout_s
+        self.log_path = log_path  # a launched server's: named in errors
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{name}-calls")
 
     @classmethod
-    def connect(cls, url: str, *, tp_size: int = 1, timeout_s: float = 600.0) -> "SGLangEngine":
+    def connect(
+        cls, url: str, *, tp_size: int = 1, timeout_s: float = 600.0, log_path: Path | None = None
+    ) -> "SGLangEngine":
         client = SGLangHTTPClient(url, tp_size=tp_size, timeout_s=timeout_s)
-        return cls(client, tp_size=tp_size, name=url, timeout_s=timeout_s)
+        return cls(client, tp_size=tp_size, name=url, timeout_s=timeout_s, log_path=log_path)
 
     # -- calls ---------------------------------------------------------------------------------
     def submit(self, method: str, **kwargs: Any) -> Future:
@@ -272,11 +285,14 @@ class SGLangEngine:
             return self.submit(method, **kwargs).result(timeout=timeout_s)
         except FutureTimeout:
             raise EngineError(
-                f"engine {self.name!r}: {method} did not return within {timeout_s:g} s"
+                f"engine {self.name!r}: {method} did not return within {timeout_s:g} s{self._log()}"
             ) from None
         except Exception as e:
             detail = str(e) if isinstance(e, EngineError) else repr(e)
-            raise EngineError(f"engine {self.name!r}: {method} failed: {detail}") from e
+            raise EngineError(f"engine {self.name!r}: {method} failed: {detail}{self._log()}") from e
+
+    def _log(self) -> str:
+        return f" (its log: {self.log_path})" if self.log_path is not None else ""
 
     def _checked(
         self, method: str, error: type[Exception] = EngineError, timeout_s: float | None = None, **kwargs: Any

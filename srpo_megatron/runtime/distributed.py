@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from srpo_megatron.errors import UserError
+from srpo_megatron.errors import ServiceError, UserError
 from srpo_megatron.runtime.cpu import apply_cpu_runtime
 
 
@@ -145,22 +145,26 @@ def from_rank_0(fn, what: str):
     """``fn()`` on global rank 0, its (picklable) result on every rank. An exception on rank 0 is
     raised on every rank, rank 0's own there and a RuntimeError quoting it elsewhere, so that no
     rank is left waiting in a collective that rank 0 never enters (the engine calls of the trainer
-    run on rank 0 alone). A UserError stays one on the other ranks, which report nothing of it
-    (errors.py). The others wait on the CPU (``host_group``)."""
+    run on rank 0 alone). A UserError or ServiceError stays one on the other ranks, which report
+    nothing of it (errors.py). The others wait on the CPU (``host_group``)."""
     box, error = [None], None
     if dist.get_rank() == 0:
         try:
             box[0] = ("ok", fn())
         except UserError as e:
-            error, box[0] = e, ("user_error", str(e))
+            error, box[0] = e, ("UserError", str(e))
+        except ServiceError as e:
+            error, box[0] = e, ("ServiceError", str(e))
         except Exception as e:
             error, box[0] = e, ("error", f"{type(e).__name__}: {e}")
     dist.broadcast_object_list(box, src=0, group=host_group())
     if error is not None:
         raise error
     status, value = box[0]
-    if status == "user_error":
+    if status == "UserError":
         raise UserError(value)
+    if status == "ServiceError":
+        raise ServiceError(value)
     if status == "error":
         raise RuntimeError(f"{what} failed on rank 0: {value}")
     return value

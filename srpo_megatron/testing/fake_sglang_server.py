@@ -12,9 +12,9 @@ It takes ``launch_server``'s flags (``rollout/sglang_server.py``) and is as stri
 SGLang 0.5.23 (read in its wheel: ``srt/entrypoints/http_server.py``, ``srt/managers/io_struct.py``,
 ``api/v1/api_types.py``, ``srt/managers/scheduler_components/weight_updater.py``):
 
-- unknown top-level fields are ignored on every route; a missing required field is a 422 (FastAPI's
-  validation of the request class); an unknown sampling parameter is a 400 (``/generate``'s contract
-  check);
+- unknown top-level fields are ignored on every route; a missing required field is a 400 naming
+  it (SGLang validates the request class itself: seen on the real server, not FastAPI's 422); an
+  unknown sampling parameter is a 400 (``/generate``'s contract check);
 - refused with a 400, as SGLang refuses them: weight loads outside a begin/end_weight_update
   session, a second begin, an end without a begin, a weight-update group name already held, a
   broadcast to a group never joined, payloads naming anything outside torch;
@@ -257,9 +257,12 @@ def make_handler(fake: FakeSGLang):
                 return self._send(404, b"not found")
             body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
             missing = sorted(REQUIRED[route] - set(body))
-            if missing:  # FastAPI's answer to a body its request class does not validate
-                detail = [{"type": "missing", "loc": ["body", m], "msg": "Field required"} for m in missing]
-                return self._send(422, json.dumps({"detail": detail}).encode())
+            if missing:  # SGLang's answer to a body its request class does not validate
+                detail = "\n".join(
+                    f"{{'type': 'missing', 'loc': ('body', {m!r}), 'msg': 'Field required'}}" for m in missing
+                )
+                answer = {"object": "error", "message": f"validation errors:\n{detail}", "code": 400}
+                return self._send(400, json.dumps(answer).encode())
             try:
                 answer = getattr(fake, route)(**body)
             except Refused as e:

@@ -104,7 +104,11 @@ def _start_sglang(cfg: Config) -> tuple[SGLangFleet, list[str]]:
             print(f"SGLang: starting {len(servers)} engine(s), {r.mode}, on {where}; logs in {log_dir}")
             wait_until_healthy(servers, r.startup_timeout_s)
             urls = [s.url for s in servers]
-        engines = [SGLangEngine.connect(u, tp_size=r.engine_tp, timeout_s=r.call_timeout_s) for u in urls]
+        logs = [s.log_path for s in servers] or [None] * len(urls)
+        engines = [
+            SGLangEngine.connect(u, tp_size=r.engine_tp, timeout_s=r.call_timeout_s, log_path=log)
+            for u, log in zip(urls, logs, strict=True)
+        ]
         fleet = SGLangFleet(
             engines, colocated=r.mode == "colocated", servers=servers, deterministic=r.deterministic
         )
