@@ -167,7 +167,7 @@ def test_engine_at_a_url_takes_each_stage_from_its_own_source_rank_two_runs_in_a
     server, in a weight-update group of its own. A second run (a restart, a resume) joins the same
     server again under new group names. Afterwards the server holds the second run's trained
     weights: its log-probs of fresh samples equal those of the run's HF export."""
-    log = ServerLog(sglang_server.log_path)
+    log = ServerLog.from_now(sglang_server.log_path)
     for run, steps in (("first", 2), ("second", 1)):
         overrides = _overrides(
             tiny_run_inputs,

@@ -143,12 +143,17 @@ def start_killable_run(fn_name: str, overrides: list[str], world_size: int) -> s
 
 
 class ServerLog:
-    """What a real server logged after this object was made: its HTTP requests (uvicorn's access
-    lines) and the weight-update groups its ranks joined."""
+    """What a real server logged (from byte ``start`` of its log on): its HTTP requests (uvicorn's
+    access lines) and the weight-update groups its ranks joined."""
 
-    def __init__(self, log_path: Path):
+    def __init__(self, log_path: Path, start: int = 0):
         self.path = log_path
-        self.start = log_path.stat().st_size if log_path.exists() else 0
+        self.start = start
+
+    @classmethod
+    def from_now(cls, log_path: Path) -> "ServerLog":
+        """What a shared server logs from now on."""
+        return cls(log_path, log_path.stat().st_size)
 
     def text(self) -> str:
         with open(self.path, "rb") as f:
@@ -156,8 +161,9 @@ class ServerLog:
             return f.read().decode(errors="replace")
 
     def routes(self) -> list[str]:
-        """``POST /generate`` -> ``generate``, in order (GET /health and /server_info left out)."""
-        return re.findall(r'"POST /(\w+) HTTP/1\.1" 200', self.text())
+        """``POST /generate`` -> ``generate``, in order: the 200s of POST requests but the server's
+        own ``freeze_gc`` after its start."""
+        return [r for r in re.findall(r'"POST /(\w+) HTTP/1\.1" 200', self.text()) if r != "freeze_gc"]
 
     def joined_groups(self) -> list[str]:
         return re.findall(r"init custom process group: .*group_name=(\S+),", self.text())
