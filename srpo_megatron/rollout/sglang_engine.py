@@ -182,7 +182,7 @@ class SGLangHTTPClient:
         except (http.client.RemoteDisconnected, ConnectionResetError) as e:
             raise EngineError(
                 f"the server closed the connection without answering ({type(e).__name__}): SGLang's "
-                "scheduler dies on a call that raises, and takes the server with it; its log says why"
+                "scheduler dies on a call that raises, and takes the server with it"
             ) from None
 
     def health(self) -> bool:
