@@ -11,6 +11,10 @@ temperature 0.6, top-p 0.95, decode batches of 256). The engine runs with the th
 gives it (``--threads``: the 2 local ranks' one each). The two engines sample differently, so their
 tokens differ; the mean response length and the eval accuracy of each are printed as a check that
 they sample the same distribution (within the noise of the sample sizes).
+
+``--sglang-python .venv-sglang/bin/python`` adds a real SGLang 0.5.23 server on the CPU (launched
+here, serving the same model in fp32, its threads on the cores of NUMA node 0, HTTP requests as
+the trainer sends them), timed on the same workloads and printed as a ratio against the HF engine.
 """
 
 import argparse
@@ -107,6 +111,7 @@ def main() -> None:
     parser.add_argument("--data", default="outputs/synthetic")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2, help="seeds per workload and engine")
+    parser.add_argument("--sglang-python", help="also a real SGLang server run by this Python")
     args = parser.parse_args()
     silence_known_noise()
     from transformers import AutoModelForCausalLM
@@ -130,6 +135,29 @@ def main() -> None:
         ),
     }
     print(f"model {args.model}, {torch.get_num_threads()} thread (baseline), {args.threads} (engine)")
+    server = None
+    if args.sglang_python:
+        from pathlib import Path
+
+        from srpo_megatron.rollout.sglang_engine import SGLangEngine
+        from srpo_megatron.rollout.sglang_server import ServerSpec, launch_server, wait_until_healthy
+        from srpo_megatron.runtime.distributed import find_free_port
+
+        spec = ServerSpec(
+            args.model, port=find_free_port(), dtype="float32", python=args.sglang_python, device="cpu"
+        )
+        server = launch_server(spec, Path("outputs/benchmarks"))
+        wait_until_healthy([server], timeout_s=900)
+        engines["sglang"] = SGLangEngine.connect(server.url, timeout_s=900)
+    try:
+        summary = _run(engines, workloads, tokenizer, stops, args)
+    finally:
+        if server is not None:
+            server.stop()
+    print(json.dumps({"benchmark": "rollout_speed", "threads": args.threads, **summary}))
+
+
+def _run(engines, workloads, tokenizer, stops, args) -> dict:
     summary = {}
     for name, (path, num_prompts, params) in workloads.items():
         prompts, _ = tokenize_and_filter(load_rows(path)[:num_prompts], tokenizer, 256)
@@ -146,7 +174,14 @@ def main() -> None:
             "engine_s": round(figures["engine"][0], 3),
             "ratio": round(ratio, 3),
         }
-    print(json.dumps({"benchmark": "rollout_speed", "threads": args.threads, **summary}))
+        if "sglang" in figures:
+            sglang_ratio = figures["sglang"][0] / figures["engine"][0]
+            print(f"{name:8s} ratio sglang / engine: {sglang_ratio:.3f}")
+            summary[name] |= {
+                "sglang_s": round(figures["sglang"][0], 3),
+                "sglang_ratio": round(sglang_ratio, 3),
+            }
+    return summary
 
 
 if __name__ == "__main__":

@@ -25,7 +25,14 @@ pipelines its requests the same way). Prints the figures; the last line is one J
 measures the per-collective and per-request overheads bucketing removes, and the extra hop of the
 funnel; on GPUs NCCL's per-collective launch cost is smaller but the per-request RPC is the same.
 
+``--sglang-python .venv-sglang/bin/python`` also runs the PP=1 modes against a real SGLang 0.5.23
+server on the CPU (launched here, serving a random HF Qwen3 of the same shapes; each sync in a
+weight-update session, as the trainer runs it): our flattened buckets against SGLang's plain
+``update_weights_from_distributed`` (one broadcast per tensor, requests of a bucket's tensors:
+``server_time_ratio``) and against one request per tensor (``server_time_ratio_vs_per_tensor``).
+
     python benchmarks/weight_sync.py [--layers 28 --hidden 512 --bucket-mb 64 --repeats 9]
+        [--sglang-python .venv-sglang/bin/python]
 """
 
 import argparse
@@ -151,6 +158,88 @@ def _bench(args, requests, replies, ports):
     return {m: (statistics.median(t), stats[m].num_buckets) for m, t in times.items()}, stats["bucketed"]
 
 
+def write_hf_model(args, out: Path) -> None:
+    """A random HF Qwen3 with the shapes of ``qwen3_shaped_tensors``, for the server to load."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    config = Qwen3Config(
+        hidden_size=args.hidden,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.hidden // 64,
+        num_key_value_heads=max(args.hidden // 128, 1),
+        head_dim=64,
+        intermediate_size=3 * args.hidden,
+        vocab_size=args.vocab,
+        tie_word_embeddings=False,
+        architectures=["Qwen3ForCausalLM"],
+    )
+    Qwen3ForCausalLM(config).to(getattr(torch, args.dtype)).save_pretrained(out)
+
+
+def _bench_server(args, url: str):
+    """One trainer rank against the real server: each PP=1 mode syncs the whole model inside a
+    weight-update session, interleaved; medians over ``--repeats`` after one warm-up."""
+    from srpo_megatron.rollout.sglang_engine import SGLangEngine
+
+    tensors = qwen3_shaped_tensors(args.layers, args.hidden, args.vocab, getattr(torch, args.dtype))
+    bucket_bytes = int(args.bucket_mb * 1024**2)
+    modes = {
+        "bucketed": (bucket_bytes, True),
+        "per_tensor_in_buckets": (bucket_bytes, False),  # SGLang's plain format
+        "per_tensor": (1, False),
+    }
+    engine = SGLangEngine.connect(url, timeout_s=600)
+    sender = BroadcastWeightSender([engine], GroupAddress("127.0.0.1", find_free_port(), "bench", "gloo"))
+    sender.connect()
+    times, requests = {m: [] for m in modes}, {}
+    for repeat in range(args.repeats + 1):
+        for mode, (size, flattened) in modes.items():
+            sender.bucket_bytes = size
+            start = time.perf_counter()
+            engine.begin_weight_update()
+            requests[mode] = sender.send(tensors, flattened=flattened).num_buckets
+            engine.end_weight_update()
+            if repeat:
+                times[mode].append(time.perf_counter() - start)
+    sender.close()
+    engine.shutdown()
+    return {m: (statistics.median(t), requests[m]) for m, t in times.items()}
+
+
+def server_figures(args) -> dict:
+    import tempfile
+
+    from srpo_megatron.rollout.sglang_server import ServerSpec, launch_server, wait_until_healthy
+
+    with tempfile.TemporaryDirectory() as tmp:
+        write_hf_model(args, Path(tmp) / "model")
+        spec = ServerSpec(
+            str(Path(tmp) / "model"),
+            port=find_free_port(),
+            dtype=args.dtype,
+            python=args.sglang_python,
+            device="cpu",
+        )
+        server = launch_server(spec, Path(tmp))
+        try:
+            wait_until_healthy([server], timeout_s=900)
+            [medians] = run_distributed(
+                _bench_server, world_size=1, megatron=False, args=(args, server.url), timeout=1800
+            )
+        finally:
+            server.stop()
+    for mode, (seconds, requests) in medians.items():
+        print(f"{'sglang ' + mode:>30}: {seconds * 1e3:9.1f} ms  ({requests} requests)")
+    bucketed = medians["bucketed"][0]
+    return {
+        "server_bucketed_s": round(bucketed, 4),
+        "server_per_tensor_in_buckets_s": round(medians["per_tensor_in_buckets"][0], 4),
+        "server_per_tensor_s": round(medians["per_tensor"][0], 4),
+        "server_time_ratio": round(bucketed / medians["per_tensor_in_buckets"][0], 3),
+        "server_time_ratio_vs_per_tensor": round(bucketed / medians["per_tensor"][0], 3),
+    }
+
+
 def main():
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -161,6 +250,7 @@ def main():
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--bucket-mb", type=float, default=64)
     parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--sglang-python", help="also against a real SGLang server run by this Python")
     args = parser.parse_args()
 
     ctx = mp.get_context("spawn")
@@ -195,6 +285,8 @@ def main():
         "pp2_per_stage_s": round(medians["pp2_per_stage"][0], 4),
         "pp2_time_ratio": round(medians["pp2_per_stage"][0] / medians["pp2_funnel"][0], 3),
     }
+    if args.sglang_python:
+        result |= server_figures(args)
     print(json.dumps(result))
 
 

@@ -32,14 +32,17 @@ if [[ "$with_sglang" == 1 ]]; then
   sglang_venv="$PWD/.venv-sglang"
   pin="$(grep -o '"sglang==[^"]*"' pyproject.toml | tr -d '"')"
   [[ -n "$pin" ]] || { echo "install.sh: no sglang pin in pyproject.toml" >&2; exit 1; }
-  if [[ "$(cat "$sglang_venv/.srpo_sglang_stamp" 2>/dev/null)" == "$pin" ]]; then
+  installed() {  # the pinned version, as the environment's own metadata says (no import: fast)
+    "$sglang_venv/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.version('sglang') != '${pin#sglang==}')" 2>/dev/null
+  }
+  if installed; then
     echo "install.sh: $sglang_venv ($pin) is up to date"
   else
-    [[ -x "$sglang_venv/bin/python" ]] || "$(python312)" -m venv "$sglang_venv"
+    [[ -x "$sglang_venv/bin/python" ]] || { rm -rf "$sglang_venv"; "$(python312)" -m venv "$sglang_venv"; }
     echo "install.sh: installing $pin into $sglang_venv (about 5 minutes the first time)"
     "$sglang_venv/bin/python" -m pip install --quiet --upgrade pip
     "$sglang_venv/bin/python" -m pip install --quiet "$pin"
-    echo "$pin" > "$sglang_venv/.srpo_sglang_stamp"
+    installed || { echo "install.sh: $pin did not install into $sglang_venv" >&2; exit 1; }
   fi
 fi
 
