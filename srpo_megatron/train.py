@@ -89,7 +89,7 @@ def dry_run(cfg: Config, world_size: int, gpu_memory_gib: float = 80.0) -> None:
         f"step: {cfg.train.prompts_per_step} prompts x {cfg.rollout.n} rollouts = "
         f"{cfg.train.prompts_per_step * cfg.rollout.n} rollouts, {updates} optimizer step(s) of "
         f"{cfg.train.mini_batch_prompts} prompts, {cfg.train.total_steps} steps\n"
-        f"algorithm: {cfg.algorithm.variant}; rollouts: {engine_plan(cfg, local_world_size)}\n"
+        f"algorithm: {cfg.algorithm.variant}; rollouts: {engine_plan(cfg, local_world_size, on_gpus=True)}\n"
         f"output: {cfg.output_dir}\n"
         + "\n".join(memory_plan_lines(cfg, Qwen3Arch.from_hf(hf_config), per_rank, dp, gpu_memory_gib))
         + "\ndry run OK"

@@ -117,6 +117,7 @@ class FakeSGLang:
             "skip_tokenizer_init": a.skip_tokenizer_init,
             "enable_memory_saver": a.enable_memory_saver,
             "enable_deterministic_inference": a.enable_deterministic_inference,
+            "device": a.device,
             "version": VERSION,
         }
 
@@ -300,6 +301,12 @@ def main(argv=None) -> None:
     parser.add_argument("--skip-tokenizer-init", action="store_true")
     parser.add_argument("--enable-memory-saver", action="store_true")
     parser.add_argument("--enable-deterministic-inference", action="store_true")
+    parser.add_argument("--device", default="cuda")
+    # what a launched CPU server is also given (sglang_server.CPU_FLAGS); nothing to do here
+    for flag in ("--attention-backend", "--sampling-backend", "--max-total-tokens"):
+        parser.add_argument(flag)
+    for flag in ("--disable-cuda-graph", "--skip-server-warmup"):
+        parser.add_argument(flag, action="store_true")
     args = parser.parse_args(argv)
     if args.tp_size != 1:
         sys.exit("fake_sglang_server: only --tp-size 1")

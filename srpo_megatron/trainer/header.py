@@ -16,7 +16,6 @@ from srpo_megatron.models.qwen3.config import Qwen3Arch
 from srpo_megatron.models.qwen3.mapping import count_megatron_params
 from srpo_megatron.models.vocab import padded_vocab_size
 from srpo_megatron.rewards.registry import get_reward_fn
-from srpo_megatron.rollout.weight_sync.broadcast import broadcast_backend
 from srpo_megatron.trainer.checkpoint import checkpoint_root
 
 
@@ -24,18 +23,19 @@ def config_line(paths: list[str], overrides: list[str]) -> str:
     return f"config: {', '.join(map(str, paths)) or '(defaults)'}; overrides: {' '.join(overrides) or 'none'}"
 
 
-def engine_plan(cfg: Config, local_world_size: int) -> str:
+def engine_plan(cfg: Config, local_world_size: int, on_gpus: bool) -> str:
+    """on_gpus: where the engines will run (the dry run plans for GPUs wherever it runs)."""
     r = cfg.rollout
     if r.engine == "hf":
         return "the HF engine on global rank 0 (CPU / debugging)"
     engines = f"{r.num_engines} SGLang engine(s) x TP {r.engine_tp}"
     if r.mode == "colocated":
-        weights = "weights by CUDA IPC" if torch.cuda.is_available() else "weights in shared memory"
+        weights = "weights by CUDA IPC" if on_gpus else "weights in shared memory"
     else:
-        weights = f"weights by {broadcast_backend()} broadcast"
+        weights = f"weights by {'NCCL' if on_gpus else 'gloo'} broadcast"
     if r.engine_urls:
         return f"{engines} at {', '.join(r.engine_urls)} ({r.mode}), {weights}{_async(cfg)}"
-    if not torch.cuda.is_available():
+    if not on_gpus:
         return f"{engines}, launched {r.mode} on rank 0's node, on its CPU, {weights}{_async(cfg)}"
     first = 0 if r.mode == "colocated" else local_world_size
     where = f"GPUs {first}-{first + r.num_engines * r.engine_tp - 1} of rank 0's node"
@@ -73,7 +73,7 @@ def start_header(
     return "\n".join(
         (
             f"layout: world {world_size} = tp {m.tp} x pp {m.pp} x dp {world_size // (m.tp * m.pp)}; "
-            f"rollouts: {engine_plan(cfg, local_world_size)}",
+            f"rollouts: {engine_plan(cfg, local_world_size, torch.cuda.is_available())}",
             f"model: {m.hf_dir}, {count_megatron_params(arch, padded):,} parameters (vocabulary "
             f"{arch.vocab_size:,} padded to {padded:,} for tp {m.tp}), {m.dtype}; an EMA teacher alike",
             f"rewards: {rewards}; tool-use parser: {cfg.reward.tool_use_parser}",

@@ -77,19 +77,17 @@ def _port_of(log: Path) -> int:
     return int(re.search(r"sglang_(\d+)\.log", log.name).group(1))
 
 
+def _launched_by_tp2(sglang_python) -> tuple[str, ...]:
+    """A TP=2 trainer (2 gloo ranks) that launches one disaggregated engine on the CPU."""
+    return ("model.tp=2", "rollout.mode=disaggregated", f"rollout.server_python={sglang_python}")
+
+
 @pytest.mark.sglang
 def test_engine_launched_on_the_cpu_trains_with_the_synced_weights(tiny_run_inputs, tmp_path, sglang_python):
     """The acceptance run: the trainer (TP=2, 2 gloo ranks) launches a real CPU server, broadcasts
     its weights into it over gloo before the first step and after every step, and samples from it:
     the server's log-probs of its own samples equal the actor's. The server goes with the run."""
-    overrides = _overrides(
-        tiny_run_inputs,
-        tmp_path,
-        "model.tp=2",
-        "rollout.mode=disaggregated",
-        f"rollout.server_python={sglang_python}",
-        "train.total_steps=3",
-    )
+    overrides = _overrides(tiny_run_inputs, tmp_path, *_launched_by_tp2(sglang_python), "train.total_steps=3")
     run_distributed(train_with_sglang_in_ranks, world_size=2, megatron=False, args=(overrides,), timeout=900)
     records = _records(tmp_path)
     assert sorted(records) == [1, 2, 3]
@@ -256,12 +254,7 @@ def test_an_engine_killed_mid_run_stops_the_run_with_one_line_and_leaves_no_proc
     tiny_run_inputs, tmp_path, sglang_python
 ):
     overrides = _overrides(
-        tiny_run_inputs,
-        tmp_path,
-        "model.tp=2",
-        "rollout.mode=disaggregated",
-        f"rollout.server_python={sglang_python}",
-        "train.total_steps=50",
+        tiny_run_inputs, tmp_path, *_launched_by_tp2(sglang_python), "train.total_steps=50"
     )
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "srpo_megatron.train", "--config", "configs/tiny_cpu.yaml", *overrides]  # fmt: skip

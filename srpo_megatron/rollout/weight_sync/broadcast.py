@@ -72,11 +72,6 @@ JOIN_TIMEOUT_S = 300.0
 """Deadline of joining a weight-update group: a rendezvous and, with gloo, a connection per rank."""
 
 
-def broadcast_backend() -> str:
-    """The weight-update groups' backend: NCCL between GPUs, gloo with CPU engines."""
-    return "nccl" if torch.cuda.is_available() else "gloo"
-
-
 class WeightReceiverHandle(Protocol):
     """A rollout engine replica as the sending rank sees it. Requests are asynchronous (the engine
     blocks in the collective until the trainer broadcasts) and resolve to SGLang's
@@ -485,9 +480,8 @@ class BroadcastWeightSync:
         if sends:
             try:
                 engines = [SGLangEngine.connect(u, tp_size=engine_tp, timeout_s=timeout_s) for u in urls]
-                address = GroupAddress(
-                    master_address, find_free_port(), f"{group_name}_pp{stage}", broadcast_backend()
-                )
+                backend = "nccl" if torch.cuda.is_available() else "gloo"  # gloo with CPU engines
+                address = GroupAddress(master_address, find_free_port(), f"{group_name}_pp{stage}", backend)
                 device = (
                     torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
                 )
