@@ -13,7 +13,8 @@ and a crashed engine is a dead process with a log, not a hung call. The flags ar
 
 On a machine without CUDA the server runs on the CPU (``ServerSpec(device="cpu")``): SGLang's CPU
 engine (``SGLANG_USE_CPU_ENGINE=1``) with plain-torch attention and sampling, no CUDA graphs, a
-KV cache of ``CPU_MAX_TOTAL_TOKENS`` (SGLang would size it from the machine's RAM otherwise), and
+KV cache of ``CPU_MAX_TOTAL_TOKENS`` (SGLang would size it from the machine's RAM otherwise), a
+scheduler that sleeps when idle instead of spinning on a core the trainer needs, and
 ``sglang_cpu/`` first on its ``PYTHONPATH``: two work-arounds for the CUDA build of PyPI's torch
 and sgl_kernel, each file naming what it works around. ``python``: the interpreter of an
 environment that has sglang (it pins its own transformers; ``scripts/install.sh --sglang`` makes
@@ -42,6 +43,9 @@ CPU_FLAGS = (
     "--disable-cuda-graph",
     "--skip-server-warmup",
     "--max-total-tokens", str(CPU_MAX_TOTAL_TOKENS),
+    # an idle scheduler otherwise spins a core at 100% (``scheduler_components/idle_sleeper.py``):
+    # on a CPU machine that core is the trainer's
+    "--sleep-on-idle",
 )  # fmt: skip
 
 
