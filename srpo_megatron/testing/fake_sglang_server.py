@@ -48,6 +48,7 @@ import torch
 from srpo_megatron.rollout.engine import SamplingParams
 from srpo_megatron.rollout.hf_engine import HFEngine
 from srpo_megatron.rollout.sglang_engine import MEMORY_TAGS
+from srpo_megatron.rollout.sglang_server import CPU_FLAGS
 from srpo_megatron.rollout.weight_sync.broadcast import BroadcastWeightReceiver
 
 VERSION = "0.5.23"
@@ -302,11 +303,11 @@ def main(argv=None) -> None:
     parser.add_argument("--enable-memory-saver", action="store_true")
     parser.add_argument("--enable-deterministic-inference", action="store_true")
     parser.add_argument("--device", default="cuda")
-    # what a launched CPU server is also given (sglang_server.CPU_FLAGS); nothing to do here
-    for flag in ("--attention-backend", "--sampling-backend", "--max-total-tokens"):
-        parser.add_argument(flag)
-    for flag in ("--disable-cuda-graph", "--skip-server-warmup"):
-        parser.add_argument(flag, action="store_true")
+    # the rest of what a launched CPU server is given: taken, nothing to do with them here
+    for i, flag in enumerate(CPU_FLAGS):
+        if flag.startswith("--") and flag != "--device":
+            takes_value = i + 1 < len(CPU_FLAGS) and not CPU_FLAGS[i + 1].startswith("--")
+            parser.add_argument(flag, **({} if takes_value else {"action": "store_true"}))
     args = parser.parse_args(argv)
     if args.tp_size != 1:
         sys.exit("fake_sglang_server: only --tp-size 1")

@@ -88,7 +88,7 @@ def check_payloads(
             )
         for body in payloads[route]:
             if missing := sorted(set(known["required"]) - body.keys()):
-                problems.append(f"required fields {missing} are not sent (422)")
+                problems.append(f"required fields {missing} are not sent (SGLang answers 400)")
         what = f"{known['class']}: sends {len(sent)} of its {len(fields)} fields"
         if known["class"] is None:
             what = "no JSON body: sends none"
