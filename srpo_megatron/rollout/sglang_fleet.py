@@ -65,8 +65,8 @@ class SGLangFleet:
     def _check_server_args(self, engine: SGLangEngine) -> None:
         """Refuse servers that would quietly do something else than asked: without the memory saver
         SGLang's release_memory_occupation succeeds and frees nothing (colocated training would
-        then run out of GPU memory, or share it with a full engine; on a CPU server that is all
-        it can do, and all there is to do), and without deterministic
+        then run out of GPU memory, or share it with a full engine; a CPU server, which has none
+        to free and cannot run the memory saver, is not asked for it), and without deterministic
         inference it ignores the requests' sampling seeds (resumed runs would sample otherwise)."""
         info = engine.server_info()
         needed = [("tp_size", engine.world_size, f"--tp-size {engine.world_size}", "rollout.engine_tp")]
