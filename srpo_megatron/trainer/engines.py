@@ -97,9 +97,9 @@ def _start_sglang(cfg: Config) -> tuple[SGLangFleet, list[str]]:
             log_dir = cfg.output_dir / "sglang"
             servers = [launch_server(spec, log_dir) for spec in _server_specs(cfg)]
             where = (
-                ", ".join(_gpu_range(s.spec.base_gpu_id, r.engine_tp) for s in servers)
-                if torch.cuda.is_available()
-                else "the CPU"
+                "the CPU"
+                if servers[0].spec.device == "cpu"
+                else ", ".join(_gpu_range(s.spec.base_gpu_id, r.engine_tp) for s in servers)
             )
             print(f"SGLang: starting {len(servers)} engine(s), {r.mode}, on {where}; logs in {log_dir}")
             wait_until_healthy(servers, r.startup_timeout_s)

@@ -150,11 +150,10 @@ class WeightsUpdateGroup:
     ):
         from torch.distributed.distributed_c10d import Backend, _new_process_group_helper, _world
 
-        store, self.rank, self.world_size = next(
+        store, _, _ = next(
             dist.rendezvous(f"tcp://{master_address}:{master_port}", rank, world_size, timeout=timeout)
         )
         store.set_timeout(timeout)
-        self.group_name, self.backend = group_name, backend
         self.group, _ = _new_process_group_helper(
             world_size,
             rank,
