@@ -9,7 +9,8 @@ Parts, each reported under its name in ONE JSON line at the end (``{"skipped": w
                  torch.cuda.max_memory_allocated, and time
   megatron_step  forward + backward + Adam of a Qwen3-8B-width GPTModel with a few layers (bf16, the
                  local spec: the device image has no Transformer Engine), tokens/s and MFU
-  tiny_srpo      one bf16 SRPO step of a tiny Qwen3 with the HF engine, on CUDA
+  tiny_srpo      one bf16 SRPO step of a tiny Qwen3 with the HF engine, on CUDA: the step batch on
+                 the device, the passes, the metrics reduced once, weight sync, evaluation
   activation_memory  the memory plan's activation terms (trainer/memory_plan.py, local spec) against
                  the measured peak, per recompute mode, at 8B width (benchmarks/activation_memory.py
                  --device cuda: TP=1, bf16)
@@ -168,7 +169,9 @@ def tiny_srpo(smoke: bool) -> dict:
         overrides = [
             f"model.hf_dir={root / 'model'}",
             f"data.train_files=[{root / 'train.parquet'}]",
-            "data.test_files=[]",
+            f"data.test_files=[{root / 'test.parquet'}]",  # evaluated after the step
+            "eval.n_samples=2",
+            "eval.max_prompts=4",
             "model.dtype=bfloat16",
             "model.tp=1",
             "model.transformer_impl=local",  # the device image has no Transformer Engine
@@ -186,7 +189,10 @@ def tiny_srpo(smoke: bool) -> dict:
         metrics = run_distributed(
             _tiny_srpo_rank, world_size=1, megatron=False, args=(overrides,), timeout=540
         )[0]
-    keep = ("reward_mean", "loss", "grad_norm", "logp_gap_mean", "logp_gap_max", "time/total")
+    keep = (
+        *("reward_mean", "loss", "grad_norm", "logp_gap_mean", "logp_gap_max", "teacher_entropy_mean"),
+        *("route/sdpo_token_frac", "eval/avg@2", "eval/format_rate", "time/batch", "time/total"),
+    )
     return {k: metrics[k] for k in keep} | {"wall_s": time.perf_counter() - start}
 
 

@@ -10,6 +10,7 @@ below it in ``ALLOWED``, and no two import each other, directly or around a cycl
     models/, ops/, data/, rewards/ -> runtime
     algorithms/                  -> ops at most, and never megatron or torch.distributed
     compare.py (srpo-compare)    -> plot, runtime (it runs the trainer as a program)
+    convert_ckpt.py (srpo-convert-ckpt) -> models, runtime (the checkpoint converters' command line)
     runtime/, plot.py            -> nothing of ours
     errors.py                    <- anyone (UserError)
 """
@@ -36,6 +37,7 @@ ALLOWED = {
     "runtime": set(),
     "plot": set(),
     "compare": {"plot", "runtime"},
+    "convert_ckpt": {"models", "runtime"},
     "errors": set(),
     "__init__": set(),
 }

@@ -22,6 +22,11 @@ Usage per training step (the trainer owns every reduction):
         S, C = all_reduce(sum over micro-batches of compute_weight_stats(teacher_entropy,
                           loss_mask.bool() & route_sdpo[:, None], cfg.entropy_beta))
     for each micro-batch: loss, metrics = compute_srpo_loss(cfg, batch, N, S, C); loss.backward()
+
+Nothing here reads a tensor's value on the host when the inputs are complete (every tensor a
+variant uses is given): both branches of the variant are computed on every token and masked, so a
+GPU never waits inside the loss. Rows may be rollouts ([B, T]) or single tokens ([N, 1], the
+trainer's token-major layout); the math is elementwise either way.
 """
 
 from dataclasses import dataclass
@@ -31,6 +36,7 @@ import torch
 from srpo_megatron.algorithms.config import AlgorithmConfig
 from srpo_megatron.algorithms.distillation import compute_distill_is_weights, compute_distill_loss
 from srpo_megatron.algorithms.policy_loss import LOG_RATIO_CLAMP, compute_policy_loss, compute_tis_weights
+from srpo_megatron.algorithms.stats import Max, Mean, Metric, Min
 from srpo_megatron.algorithms.weighting import compute_entropy_weights
 
 
@@ -49,7 +55,7 @@ class LossBatch:
     rollout_logp: torch.Tensor  # [B, T] rollout engine log-prob
     loss_mask: torch.Tensor  # [B, T] 1 on valid response tokens
     advantages: torch.Tensor  # [B] group-relative advantage per rollout
-    route_sdpo: torch.Tensor  # [B] bool, rollouts on the SDPO branch
+    route_sdpo: torch.Tensor  # [B] bool, rollouts on the SDPO branch (never for grpo, advantage_mix)
     has_teacher: torch.Tensor  # [B] bool, rollouts with a correct sibling (m_i)
     fallback: torch.Tensor  # [B] bool, wrong rollouts without a correct sibling
     logp: torch.Tensor | None = None  # [B, T] student log-prob of the sampled token (with grad)
@@ -71,17 +77,6 @@ def count_denominator_tokens(
     return mask.sum()
 
 
-def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return torch.where(mask, x.detach().float(), 0.0).sum() / mask.sum().clamp(min=1)
-
-
-def _masked_min_max(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    if not bool(mask.any()):
-        return torch.zeros(()), torch.zeros(())
-    values = x.detach().float()[mask]
-    return values.min(), values.max()
-
-
 def _require(tensor: torch.Tensor | None, name: str, why: str) -> torch.Tensor:
     if tensor is None:
         raise ValueError(f"LossBatch.{name} is required {why}")
@@ -97,9 +92,10 @@ def compute_grpo_token_loss(
     if cfg.variant == "advantage_mix":
         has_teacher = batch.has_teacher.bool()[:, None]  # [B, 1]
         adv_sdpo = torch.zeros_like(adv)
-        if bool(has_teacher.any()):
-            teacher_logp = _require(batch.teacher_logp, "teacher_logp", "for advantage_mix")
-            adv_sdpo = torch.where(has_teacher, (teacher_logp - batch.logp).detach(), 0.0)
+        if batch.teacher_logp is not None:
+            adv_sdpo = torch.where(has_teacher, (batch.teacher_logp - batch.logp).detach(), 0.0)
+        elif bool(has_teacher.any()):  # reads the mask only when the input is missing
+            _require(None, "teacher_logp", "for advantage_mix")
         adv = cfg.mix_lambda * adv + (1.0 - cfg.mix_lambda) * adv_sdpo
         stats["adv_sdpo"] = adv_sdpo
     token_loss, clip_stats = compute_policy_loss(
@@ -149,38 +145,41 @@ def compute_srpo_loss(
         weight_sum, weight_count: GLOBAL sum of exp(-beta H) and count over SDPO tokens (srpo only).
     Returns:
         loss: scalar, numerator of this micro-batch / N.
-        metrics: detached scalars describing this micro-batch (see `collect_metrics`).
+        metrics: this micro-batch's statistics as means and extremes to combine (``stats.py``;
+            see `collect_metrics`); loss/grpo and loss/sdpo over the denominator tokens.
     """
-    if float(num_tokens) <= 0:
-        raise ValueError(f"num_tokens (the global denominator) must be > 0, got {float(num_tokens)}")
+    if not isinstance(num_tokens, torch.Tensor) and num_tokens <= 0:
+        raise ValueError(f"num_tokens (the global denominator) must be > 0, got {num_tokens}")
     _require(batch.logp, "logp", "(the forward pass's log-probs)")
     mask = batch.loss_mask.bool()  # [B, T]
     route_sdpo = batch.route_sdpo.bool()[:, None]  # [B, 1]
-    grpo_rows = ~route_sdpo if cfg.variant != "sdpo" else torch.zeros_like(route_sdpo)  # [B, 1]
-    grpo_mask = mask & grpo_rows
-    sdpo_mask = mask & route_sdpo
-    if cfg.variant in ("grpo", "advantage_mix") and bool(route_sdpo.any()):
-        raise ValueError(f"variant {cfg.variant!r} has no SDPO branch but route_sdpo is set")
+    has_grpo = cfg.variant != "sdpo"
+    has_sdpo = cfg.variant in ("sdpo", "srpo", "srpo_no_dw")
+    grpo_mask = mask & ~route_sdpo if has_grpo else torch.zeros_like(mask)
+    sdpo_mask = mask & route_sdpo if has_sdpo else torch.zeros_like(mask)
     tis = compute_tis_weights(batch.old_logp, batch.rollout_logp, cfg.tis_cap)  # [B, T]
 
     # 0 * (valid logp) keeps the loss in the graph even when no token of this micro-batch counts
     # (the pipeline schedule calls backward on every micro-batch's loss).
     grpo_sum = torch.where(mask, batch.logp, 0.0).sum() * 0.0
     grpo_stats: dict[str, torch.Tensor] = {}
-    if bool(grpo_mask.any()):
+    if has_grpo:
         grpo_loss, grpo_stats = compute_grpo_token_loss(cfg, batch, tis)
-        grpo_sum = torch.where(grpo_mask, grpo_loss, 0.0).sum()
+        grpo_sum = grpo_sum + torch.where(grpo_mask, grpo_loss, 0.0).sum()
     sdpo_sum = torch.zeros_like(grpo_sum)
     sdpo_stats: dict[str, torch.Tensor] = {}
-    if bool(sdpo_mask.any()):
+    # without its teacher inputs the branch is computed only if a token needs it (a host read)
+    if has_sdpo and (batch.teacher_topk_logp is not None or bool(sdpo_mask.any())):
         sdpo_loss, sdpo_stats = compute_sdpo_token_loss(cfg, batch, tis, weight_sum, weight_count)
         sdpo_sum = torch.where(sdpo_mask, sdpo_loss, 0.0).sum()
 
     loss = (grpo_sum + sdpo_sum) / num_tokens
     masks = {"valid": mask, "grpo": grpo_mask, "sdpo": sdpo_mask}
     metrics = collect_metrics(batch, masks, tis, grpo_stats, sdpo_stats)
-    metrics["loss/grpo"] = grpo_sum.detach() / num_tokens
-    metrics["loss/sdpo"] = sdpo_sum.detach() / num_tokens
+    # the loss terms as means over the tokens the variant averages over (count_denominator_tokens)
+    count = count_denominator_tokens(cfg, batch.loss_mask, batch.route_sdpo)
+    metrics["loss/grpo"] = Mean(grpo_sum.detach(), count)
+    metrics["loss/sdpo"] = Mean(sdpo_sum.detach(), count)
     return loss, metrics
 
 
@@ -190,27 +189,26 @@ def collect_metrics(
     tis: torch.Tensor,
     grpo_stats: dict[str, torch.Tensor],
     sdpo_stats: dict[str, torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """Micro-batch statistics, the same keys every call ("group/what"); empty sets give 0."""
+) -> dict[str, Metric]:
+    """Micro-batch statistics, the same keys every call ("group/what"), each over its tokens."""
     valid, grpo, sdpo = masks["valid"], masks["grpo"], masks["sdpo"]
-    num_valid = valid.sum().clamp(min=1)
     zeros = torch.zeros_like(tis)
     raw_is = (batch.logp - batch.old_logp).detach().clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP).exp()
     raw_tis = (batch.old_logp - batch.rollout_logp).detach().clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP).exp()
     weight = sdpo_stats.get("weight", zeros)
-    m = {
-        "route/sdpo_token_frac": sdpo.sum() / num_valid,
-        "route/grpo_token_frac": grpo.sum() / num_valid,
-        "is/tis_mean": _masked_mean(tis, valid),
-        "is/tis_capped_frac": _masked_mean(raw_tis > tis, valid),
-        "grpo/clip_frac": _masked_mean(grpo_stats.get("clipped", zeros), grpo),
-        "grpo/dual_clip_frac": _masked_mean(grpo_stats.get("dual_clipped", zeros), grpo),
-        "grpo/ratio_mean": _masked_mean(grpo_stats.get("ratio", zeros), grpo),
-        "grpo/adv_sdpo_mean": _masked_mean(grpo_stats.get("adv_sdpo", zeros), grpo),
-        "sdpo/divergence_mean": _masked_mean(sdpo_stats.get("divergence", zeros), sdpo),
-        "sdpo/is_weight_mean": _masked_mean(sdpo_stats.get("is_weight", zeros), sdpo),
-        "sdpo/is_clip_frac": _masked_mean(raw_is > sdpo_stats.get("is_weight", raw_is), sdpo),
-        "dw/weight_mean": _masked_mean(weight, sdpo),
+    return {
+        "route/sdpo_token_frac": Mean(sdpo.sum(), valid.sum()),
+        "route/grpo_token_frac": Mean(grpo.sum(), valid.sum()),
+        "is/tis_mean": Mean.over(tis, valid),
+        "is/tis_capped_frac": Mean.over(raw_tis > tis, valid),
+        "grpo/clip_frac": Mean.over(grpo_stats.get("clipped", zeros), grpo),
+        "grpo/dual_clip_frac": Mean.over(grpo_stats.get("dual_clipped", zeros), grpo),
+        "grpo/ratio_mean": Mean.over(grpo_stats.get("ratio", zeros), grpo),
+        "grpo/adv_sdpo_mean": Mean.over(grpo_stats.get("adv_sdpo", zeros), grpo),
+        "sdpo/divergence_mean": Mean.over(sdpo_stats.get("divergence", zeros), sdpo),
+        "sdpo/is_weight_mean": Mean.over(sdpo_stats.get("is_weight", zeros), sdpo),
+        "sdpo/is_clip_frac": Mean.over(raw_is > sdpo_stats.get("is_weight", raw_is), sdpo),
+        "dw/weight_mean": Mean.over(weight, sdpo),
+        "dw/weight_min": Min.over(weight, sdpo),
+        "dw/weight_max": Max.over(weight, sdpo),
     }
-    m["dw/weight_min"], m["dw/weight_max"] = _masked_min_max(weight, sdpo)
-    return m

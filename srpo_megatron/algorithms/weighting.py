@@ -36,12 +36,16 @@ def compute_entropy_weights(
     weight_sum: float | torch.Tensor,
     weight_count: float | torch.Tensor,
 ) -> torch.Tensor:
-    """Normalised weights exp(-beta * H) / (global weight_sum / global weight_count).  [B, T] -> [B, T]"""
-    weight_sum, weight_count = float(weight_sum), float(weight_count)
-    if weight_count <= 0 or weight_sum <= 0:
+    """Normalised weights exp(-beta * H) / (global weight_sum / global weight_count).  [B, T] -> [B, T]
+
+    Python numbers are checked (> 0); tensors are not read on the host: a global count of 0 (no
+    SDPO token in the step, so no weight is used) gives weights of 0."""
+    if not isinstance(weight_sum, torch.Tensor) and (weight_count <= 0 or weight_sum <= 0):
         raise ValueError(
             f"entropy weights need the global SDPO (weight_sum, weight_count) > 0, got ({weight_sum}, {weight_count})"
         )
+    weight_sum = torch.as_tensor(weight_sum, dtype=torch.float64, device=teacher_entropy.device)
+    scale = torch.where(weight_sum > 0, weight_count / weight_sum, 0.0)
     raw = torch.exp(-beta * teacher_entropy.detach().double())
     # fp32 at least, whatever the entropy came in as (bf16 would cost the exact mean of 1).
-    return (raw * (weight_count / weight_sum)).to(torch.promote_types(teacher_entropy.dtype, torch.float32))
+    return (raw * scale).to(torch.promote_types(teacher_entropy.dtype, torch.float32))

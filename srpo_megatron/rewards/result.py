@@ -14,10 +14,14 @@ class RewardResult:
     score: the reward in [0, 1] (the verifiers here return exactly 0.0 or 1.0).
     reason: a short human-readable explanation ("correct", "no <answer> tag", ...), always
         valid UTF-8 so it can be logged or written to JSON without another check.
+    parsed: the response holds an answer in the task's format, right or wrong (each verifier's
+        docstring says what that is); a correct response always has one. The share of responses
+        with one is a run's format rate, which falls when a policy loses the format.
     """
 
     score: float
     reason: str
+    parsed: bool
 
 
 def snippet(text: str, limit: int = _SNIPPET_CHARS) -> str:

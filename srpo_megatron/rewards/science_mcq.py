@@ -7,6 +7,9 @@ deliberate: a response with no `<answer>` tag scores 0 (the reference compares t
 response, so a bare "B" would score 1), and a last `<answer>` that is never closed scores 0 (the
 reference reads to the end of the text). Both follow ALGORITHM.md: "No tag -> 0.0".
 
+The answer is parsed (``RewardResult.parsed``, the format rate) iff the response has a last
+`<answer>` tag that is closed, whatever it holds.
+
 Cost: two reverse substring searches, O(len(response)), whatever the text holds.
 """
 
@@ -40,13 +43,13 @@ def score_science_mcq(response: str, ground_truth: str) -> RewardResult:
     if not isinstance(ground_truth, str) or not ground_truth.strip():
         raise ValueError(f"science MCQ ground truth must be a non-empty string, got {ground_truth!r}")
     if not isinstance(response, str):
-        return RewardResult(0.0, f"response is {type(response).__name__}, not str")
+        return RewardResult(0.0, f"response is {type(response).__name__}, not str", parsed=False)
     answer = extract_last_answer(response)
     if answer is None:
         if response.rfind(OPEN_TAG) >= 0:
-            return RewardResult(0.0, "last <answer> tag is not closed")
-        return RewardResult(0.0, "no <answer> tag")
+            return RewardResult(0.0, "last <answer> tag is not closed", parsed=False)
+        return RewardResult(0.0, "no <answer> tag", parsed=False)
     gold = ground_truth.strip()
     if answer == gold:
-        return RewardResult(1.0, "correct")
-    return RewardResult(0.0, f"answered {snippet(answer)!r}, expected {gold!r}")
+        return RewardResult(1.0, "correct", parsed=True)
+    return RewardResult(0.0, f"answered {snippet(answer)!r}, expected {gold!r}", parsed=True)

@@ -19,6 +19,11 @@ trap). Python's json decoder reads dense JSON (`[1,1,1,...`) at only ~10 MB/s, s
 it may read per response are capped (MAX_DECODED_CHARS) as well as the blocks; either cap scores
 0. Reasons quote parsed inputs through `reprlib` (a 5M-element list is not repr'd in full).
 Deeply nested JSON (RecursionError) and oversized numbers (ValueError) count as unparsable.
+
+The answer is parsed (``RewardResult.parsed``, the format rate) iff the response names a tool
+call (`Action: <name>`; or none, against a gold with no call), unless the verifier gave up on its
+`Action Input` blocks (the caps). An input that is not a JSON object is a wrong answer, not a lost
+format.
 """
 
 import json
@@ -177,25 +182,28 @@ def score_tool_use(
         raise ValueError(f"tool-use parser must be 'balanced' or 'reference', got {parser!r}")
     gold_names, gold_inputs = parse_tool_ground_truth(ground_truth)
     if not isinstance(response, str):
-        return RewardResult(0.0, f"response is {type(response).__name__}, not str")
+        return RewardResult(0.0, f"response is {type(response).__name__}, not str", parsed=False)
     names = extract_actions(response)
     if Counter(names) != Counter(gold_names):
         shown = snippet(repr(names[:5]) + (f" (+{len(names) - 5} more)" if len(names) > 5 else ""), 120)
-        return RewardResult(0.0, f"actions {shown}, expected {snippet(repr(gold_names), 120)}")
+        why = f"actions {shown}, expected {snippet(repr(gold_names), 120)}"
+        return RewardResult(0.0, why, parsed=bool(names))
     inputs = extract_action_inputs(response, parser)
     if inputs is None:
         return RewardResult(
             0.0,
             f"more than {MAX_ACTION_INPUT_BLOCKS} 'Action Input' blocks or {MAX_DECODED_CHARS} characters of them",
+            parsed=False,
         )
     try:
         same = inputs == gold_inputs if parser == "reference" else json_equal(inputs, gold_inputs)
     except RecursionError:
         same = False
     if same:
-        return RewardResult(1.0, "correct")
+        return RewardResult(1.0, "correct", parsed=True)
     return RewardResult(
         0.0,
         f"action inputs {snippet(_SHORT_REPR.repr(inputs), 120)}, "
         f"expected {snippet(_SHORT_REPR.repr(gold_inputs), 120)}",
+        parsed=True,
     )

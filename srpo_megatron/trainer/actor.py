@@ -27,17 +27,25 @@ import dataclasses
 import math
 from collections.abc import Callable
 from contextlib import nullcontext
+from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 import torch
 
 from srpo_megatron.algorithms import AlgorithmConfig, LossBatch, compute_srpo_loss, count_denominator_tokens
+from srpo_megatron.algorithms.stats import Metric
 from srpo_megatron.config import Config, ModelConfig
+from srpo_megatron.errors import UserError
+from srpo_megatron.models.qwen3.checkpoint import write_meta
 from srpo_megatron.models.qwen3.loader import load_hf_weights
 from srpo_megatron.models.qwen3.provider import build_qwen3_model
 from srpo_megatron.ops.token_stats import TokenStats, vocab_parallel_token_stats
-from srpo_megatron.trainer.batching import MicroBatch
+from srpo_megatron.trainer.step_batch import MicroBatch, Sequences
 from srpo_megatron.trainer.teacher import EmaTeacher
+
+# The EMA teacher's keys in the actor's sharded checkpoint (the student's have no prefix).
+_TEACHER_PREFIX = "teacher."
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -127,10 +135,30 @@ class MegatronActor:
             wd_incr_style="constant",
         )
 
-    def load_optimizer_state(self, state: dict) -> None:
-        """Megatron's optimizer state from a checkpoint (``optimizer.sharded_state_dict`` loaded)."""
+    # ---- checkpoints (trainer/checkpoint.py) ----------------------------------------------------
+
+    def sharded_state_dict(self, *, is_loading: bool = False) -> dict:
+        """The actor's state in one ``dist_checkpointing`` save or load (collective): the student,
+        the EMA teacher's compute weights (keys under ``teacher.``), the distributed optimizer (in
+        its ``dp_reshardable`` format) and the LR schedule (common state, equal on every rank).
+        Save and load it while ``teacher_on_device()``: it holds the teacher's tensors."""
+        student = self.student.sharded_state_dict()
+        return {
+            "model": student,
+            "teacher": self.teacher.sharded_state_dict(prefix=_TEACHER_PREFIX),
+            "optimizer": self.optimizer.sharded_state_dict(
+                student, is_loading=is_loading, metadata={"distrib_optim_sharding_type": "dp_reshardable"}
+            ),
+            "scheduler": self.scheduler.state_dict(),
+        }
+
+    def load_sharded_state_dict(self, state: dict) -> None:
+        """``sharded_state_dict(is_loading=True)`` as ``dist_checkpointing.load`` returned it, into
+        the actor (while ``teacher_on_device()``)."""
+        _load_module(self.student, state["model"], "")
+        _load_module(self.teacher, state["teacher"], _TEACHER_PREFIX)
         with torch.no_grad():  # fp32 main parameters are views of the (grad-requiring) parameters
-            self.optimizer.load_state_dict(state)
+            self.optimizer.load_state_dict(state["optimizer"])
         # megatron-core 0.19.2 without apex / TE (DistributedOptimizer.load_state_dict, dp_reshardable)
         # restores torch Adam's per-parameter "step" as 0 (the bias correction of a fresh start), after
         # first handing every parameter one shared tensor that foreach Adam would bump once per
@@ -142,6 +170,29 @@ class MegatronActor:
             for group in adam.param_groups:
                 for param in group["params"]:
                     adam.state[param]["step"] = torch.tensor(float(group["step"]))
+        self.scheduler.load_state_dict(state["scheduler"])
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """This rank's state outside the sharded save: its slices of the EMA teacher's fp32 values
+        (trainer/teacher.py; sharded like the distributed optimizer's state)."""
+        return self.ema.state_dict()
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.ema.load_state_dict(state)
+
+    def write_model_meta(self, ckpt_dir: Path, hf_config: dict, *, source: str) -> None:
+        """``<ckpt_dir>/srpo_meta.json``: what ``mcore_to_hf`` needs to read the student in the
+        checkpoint's ``model/`` (models/qwen3/checkpoint.py). One rank."""
+        write_meta(
+            ckpt_dir,
+            hf_config=hf_config,
+            tp=self.cfg.model.tp,
+            pp=self.cfg.model.pp,
+            make_vocab_size_divisible_by=self.cfg.model.make_vocab_size_divisible_by,
+            padded_vocab_size=self.student.vocab_size,
+            params_dtype=self.student.config.params_dtype,
+            source=source,
+        )
 
     @property
     def student(self) -> torch.nn.Module:
@@ -153,50 +204,53 @@ class MegatronActor:
 
     # ---- the passes ---------------------------------------------------------------------------
 
+    def micro_batches(self, seqs: Sequences, first: int = 0, last: int | None = None) -> list[MicroBatch]:
+        """Sequences [first, last) of ``seqs`` as the micro-batches of one pass (``train.micro_batch_tokens``
+        each; a multiple of TP long under sequence parallelism)."""
+        from megatron.core import parallel_state
+
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        return seqs.micro_batches(
+            first,
+            seqs.num_sequences if last is None else last,
+            token_budget=self.cfg.train.micro_batch_tokens,
+            multiple=tp if self.cfg.model.sequence_parallel else 1,
+        )
+
     def _run(
         self,
         model,
         micro_batches: list[MicroBatch],
-        stats_args: Callable[[int, MicroBatch], dict],
+        stats_args: Callable[[int], dict],
         loss_func: Callable,
         *,
         forward_only: bool,
-    ) -> list:
-        """One call of Megatron's schedule over ``micro_batches``.
+    ) -> None:
+        """One call of Megatron's schedule over ``micro_batches`` (on the rank's device).
 
-        ``stats_args(i, mb)``: extra arguments of the token-stats op for micro-batch i (top-k, ids to
-        gather at, entropy); ``loss_func(i, mb, stats)``: Megatron's loss function for it.
+        ``stats_args(i)``: extra arguments of the token-stats op for micro-batch i (top-k, ids to
+        gather at, entropy); ``loss_func(i, stats)``: Megatron's loss function for it.
         """
-        from megatron.core import parallel_state
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         items = iter(enumerate(micro_batches))
-        # Sequence parallelism splits the sequence evenly over TP: a multiple of tp positions.
-        tp = parallel_state.get_tensor_model_parallel_world_size()
-        multiple = tp if self.cfg.model.sequence_parallel else 1
-        seq_len = -(-micro_batches[0].tokens.shape[1] // multiple) * multiple
 
         def forward_step(data_iterator, model):
             index, mb = next(data_iterator)
-            tokens, position_ids = mb.tokens, mb.position_ids  # [B, L]
-            if seq_len > tokens.shape[1]:
-                # Right padding: after every real token (causal attention) and never scored.
-                tokens = torch.nn.functional.pad(tokens, (0, seq_len - tokens.shape[1]))
-                position_ids = torch.arange(seq_len).expand_as(tokens)
             output = model(
-                tokens,
-                position_ids,
+                mb.tokens,
+                mb.position_ids,
                 None,
-                output_processor=partial(self._token_stats, mb=mb, extra=stats_args(index, mb)),
+                output_processor=partial(self._token_stats, mb=mb, extra=stats_args(index)),
             )
-            return output, partial(loss_func, index, mb)
+            return output, partial(loss_func, index)
 
-        return get_forward_backward_func()(
+        get_forward_backward_func()(
             forward_step_func=forward_step,
             data_iterator=items,
             model=[model],
             num_microbatches=len(micro_batches),
-            seq_length=seq_len,
+            seq_length=micro_batches[0].tokens.shape[1],
             micro_batch_size=micro_batches[0].tokens.shape[0],
             forward_only=forward_only,
         )
@@ -217,7 +271,7 @@ class MegatronActor:
             hidden_states = gather_from_sequence_parallel_region(
                 hidden_states, tensor_parallel_output_grad=False, group=group
             )  # [S, B, H]
-        hidden = hidden_states.transpose(0, 1)[mb.rows, mb.cols]  # [N, H]
+        hidden = hidden_states.transpose(0, 1)[mb.rows, mb.cols]  # [n, H]
         tp_rank = parallel_state.get_tensor_model_parallel_rank()
         return vocab_parallel_token_stats(
             hidden,
@@ -237,23 +291,23 @@ class MegatronActor:
         *,
         teacher: bool,
         topk: int = 0,
-        gather_ids: list[torch.Tensor | None] | None = None,
+        gather_ids: list[torch.Tensor] | None = None,
         want_entropy: bool = False,
     ) -> list[TokenStats] | None:
         """Forward-only pass of the student (``teacher=False``) or the EMA teacher.
 
-        Returns one ``TokenStats`` (flat [N] layout) per micro-batch on the last pipeline stage,
-        None on the other stages. ``gather_ids``: per micro-batch [N, K] ids to gather at.
+        Returns one ``TokenStats`` ([n] per target) per micro-batch on the last pipeline stage,
+        None on the other stages. ``gather_ids``: per micro-batch [n, K] ids to gather at.
         """
         from megatron.core import parallel_state
 
         results: list[TokenStats] = []
 
-        def collect(index, mb, stats):
+        def collect(index, stats):
             results.append(stats)
             return torch.zeros((), device=stats.logp.device), {}
 
-        def stats_args(index, mb):
+        def stats_args(index):
             ids = None if gather_ids is None else gather_ids[index]
             return {"topk": topk, "want_entropy": want_entropy, "gather_ids": ids}
 
@@ -269,37 +323,34 @@ class MegatronActor:
         inputs: list[LossBatch] | None,
         *,
         weight_stats: tuple[torch.Tensor, torch.Tensor] | None,
-    ) -> dict[str, float]:
+    ) -> "Update":
         """Forward + backward over one mini-batch with the SRPO objective, then one optimizer step.
 
-        inputs: each micro-batch's ``LossBatch`` without the log-probs of this pass (which the loss
-        function fills in), on the last pipeline stage; None on the other stages. weight_stats: the
-        global sum and count of the dynamic weights (srpo; ``objective.compute_srpo_loss``)."""
+        inputs: each micro-batch's ``LossBatch``, token-major ([n, 1]: ``StepBatch.loss_batch``),
+        without the log-probs of this pass (which the loss function fills in), on the last pipeline
+        stage; None on the other stages. weight_stats: the global sum and count of the dynamic
+        weights (srpo; ``objective.compute_srpo_loss``). The loss function reads no value on the host.
+        """
         alg: AlgorithmConfig = self.cfg.algorithm
         weight_sum, weight_count = weight_stats or (None, None)
-        per_micro_batch: list[dict] = []
+        metrics: list[dict[str, Metric]] = []
 
-        def loss_func(index, mb, stats: TokenStats):
+        def loss_func(index, stats: TokenStats):
+            x = inputs[index]
             topk_logp = None
             if stats.gathered_logp is not None:
-                topk_logp = mb.to_response_layout(stats.gathered_logp)
-            batch = dataclasses.replace(
-                inputs[index], logp=mb.to_response_layout(stats.logp), student_topk_logp=topk_logp
-            )
+                topk_logp = stats.gathered_logp.view(*x.old_logp.shape, -1)  # [n, 1, K]
+            batch = dataclasses.replace(x, logp=stats.logp.view_as(x.old_logp), student_topk_logp=topk_logp)
             # num_tokens=1: the numerator; Megatron divides by the global count returned next to it.
-            loss, metrics = compute_srpo_loss(
+            loss, mb_metrics = compute_srpo_loss(
                 alg, batch, num_tokens=1.0, weight_sum=weight_sum, weight_count=weight_count
             )
-            count = count_denominator_tokens(alg, batch.loss_mask, batch.route_sdpo)
-            per_micro_batch.append(
-                {k: float(v) for k, v in metrics.items()}
-                | {"num_tokens": int(count), "valid_tokens": int(mb.response_mask.sum())}
-            )
-            return loss, count.to(torch.int), {}
+            metrics.append(mb_metrics)
+            return loss, count_denominator_tokens(alg, batch.loss_mask, batch.route_sdpo).to(torch.int), {}
 
-        def stats_args(index, mb):
+        def stats_args(index):
             topk_ids = None if inputs is None else inputs[index].topk_ids  # fixed by the old pass
-            return {} if topk_ids is None else {"gather_ids": mb.from_response_layout(topk_ids)}
+            return {} if topk_ids is None else {"gather_ids": topk_ids.flatten(0, -2)}  # [n, K]
 
         self.model.train()
         self.model.zero_grad_buffer()
@@ -314,18 +365,38 @@ class MegatronActor:
             # schedule first: update k (from 1) runs at lr * k / warmup, not at 0 for the first one
             self.scheduler.step(increment=1)
             update_ok, grad_norm, _ = self.optimizer.step()
-        return {
-            "update_ok": float(bool(update_ok)),
-            "skipped_update": float(not update_ok),
-            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-            "lr": self.optimizer.param_groups[0]["lr"],
-            "micro_batches": per_micro_batch,  # empty on all but the last pipeline stage
-        }
+        return Update(
+            ok=bool(update_ok),
+            grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
+            lr=self.optimizer.param_groups[0]["lr"],
+            metrics=metrics,
+        )
 
     def update_teacher(self, rate: float) -> None:
         """EMA: theta_T <- (1 - rate) * theta_T + rate * theta_S (ALGORITHM.md sec. 4; 0.95 stays on
         the teacher), from the optimizer's fp32 main parameters."""
         self.ema.update(self.optimizer, rate)
+
+
+@dataclass(frozen=True)
+class Update:
+    """One optimizer update: Megatron's own host numbers, and the loss's metrics of each micro-batch
+    (device tensors; empty on all but the last pipeline stage)."""
+
+    ok: bool  # False: skipped (a non-finite gradient norm)
+    grad_norm: float
+    lr: float
+    metrics: list[dict[str, Metric]]
+
+
+def _load_module(module: torch.nn.Module, state: dict, prefix: str) -> None:
+    state = {k.removeprefix(prefix): v for k, v in state.items()}
+    result = module.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
+    if missing or result.unexpected_keys:
+        raise UserError(
+            f"checkpoint does not match the model: missing {missing}, unexpected {result.unexpected_keys}"
+        )
 
 
 def _create_adam_state(optimizer) -> None:

@@ -2,19 +2,27 @@
 
     <output_dir>/checkpoints/step_000004/
       srpo_meta.json        the model checkpoint's metadata (models/qwen3/checkpoint.py), so
-                            tools/convert_ckpt/mcore_to_hf.py turns a training checkpoint into HF
-      model/                ONE Megatron dist_checkpointing (torch_dist) save of
-                            {"model": student, "teacher": EMA teacher ("teacher." keys),
-                             "optimizer": Megatron optimizer state}
-      rng/rank_00000.pt     per rank: python, numpy, torch (CPU and CUDA), Megatron's RNG tracker,
-                            the routing generator
-      teacher_fp32/rank_00000.pt  per rank: its slices of the EMA teacher's fp32 values
-                            (trainer/teacher.py), sharded like the distributed optimizer's state
-      trainer_state.json    step, data position, LR-scheduler state, layout, config
+                            ``srpo-convert-ckpt mcore-to-hf`` turns a training checkpoint into HF
+      model/                ONE Megatron dist_checkpointing (torch_dist) save of the actor's
+                            ``sharded_state_dict()``: {"model": student, "teacher": EMA teacher
+                            ("teacher." keys), "optimizer": Megatron optimizer state, "scheduler":
+                            the LR schedule (common state)}
+      rng/rank_00000.pt     per rank: ``RngState`` (python, numpy, torch (CPU and CUDA), Megatron's
+                            RNG tracker, the routing generator)
+      teacher_fp32/rank_00000.pt  per rank: the actor's ``state_dict()``, its slices of the EMA
+                            teacher's fp32 values (trainer/teacher.py), sharded like the
+                            distributed optimizer's state
+      trainer_state.json    step, layout, config, and under "shared" the state of the parts that
+                            are the same on every rank: the data position, the run clock, the
+                            best eval scores within the budgets
       metrics.jsonl         the metrics of steps 1..step (what the run had logged)
       rollouts_ahead.pt     async runs (train.async_rollouts): step + 1's rollouts, generated
                             during this step by the weights before it (trainer/rollout_source.py)
       complete.json         the completeness marker, written last: every other file and its size
+
+``Checkpointer`` saves (``save(step)``, after a step) and loads (``load(path)``, at the start of a
+resumed run) that state; each part has ``state_dict`` and ``load_state_dict``. The functions
+before it are the file rules, which hold before a run is built (which checkpoint to resume from).
 
 Atomicity: everything is written under ``step_000004.tmp``; once every rank has finished (a
 barrier), rank 0 writes complete.json and renames the directory to ``step_000004``. A rename
@@ -36,9 +44,11 @@ import os
 import random
 import re
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -46,15 +56,18 @@ import torch.distributed as dist
 
 from srpo_megatron.config import Config, to_dict
 from srpo_megatron.errors import UserError
-from srpo_megatron.models.qwen3.checkpoint import MODEL_DIR, write_meta
+from srpo_megatron.models.qwen3.checkpoint import MODEL_DIR
 from srpo_megatron.runtime.distributed import child_process_env
 from srpo_megatron.runtime.progress import opaque_phase
+from srpo_megatron.trainer.actor import MegatronActor
+from srpo_megatron.trainer.rollout_source import RolloutSource
 
 _STEP_DIR = re.compile(r"^step_(\d{6,})$")
-TEACHER_PREFIX = "teacher."
-_OPTIM_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
 COMPLETE = "complete.json"
+TRAINER_STATE = "trainer_state.json"
 AHEAD_FILE = "rollouts_ahead.pt"
+RNG_DIR = "rng"
+TEACHER_FP32_DIR = "teacher_fp32"
 
 
 def checkpoint_root(cfg: Config) -> Path:
@@ -88,9 +101,9 @@ def verify_checkpoint(path: Path) -> str | None:
         if file.stat().st_size != size:
             return f"{name} has {file.stat().st_size} bytes, {size} were written"
     try:
-        json.loads((path / "trainer_state.json").read_text())
+        json.loads((path / TRAINER_STATE).read_text())
     except ValueError as err:  # same size, other bytes
-        return f"trainer_state.json is not valid JSON ({err})"
+        return f"{TRAINER_STATE} is not valid JSON ({err})"
     return None
 
 
@@ -98,112 +111,6 @@ def _delete_checkpoint(path: Path) -> None:
     aside = path.with_name(f"{path.name}.deleting")
     os.replace(path, aside)  # atomic: from here on it is no checkpoint
     shutil.rmtree(aside)
-
-
-def _sharded_state(actor, *, is_loading: bool) -> dict:
-    student = actor.student.sharded_state_dict()
-    return {
-        "model": student,
-        "teacher": actor.teacher.sharded_state_dict(prefix=TEACHER_PREFIX),
-        "optimizer": actor.optimizer.sharded_state_dict(
-            student, is_loading=is_loading, metadata=_OPTIM_METADATA
-        ),
-    }
-
-
-def _rng_state(routing_rng: torch.Generator) -> dict[str, Any]:
-    from megatron.core.tensor_parallel import get_cuda_rng_tracker
-
-    return {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-        "megatron_tracker": get_cuda_rng_tracker().get_states(),
-        "routing": routing_rng.get_state(),
-    }
-
-
-def _set_rng_state(state: dict[str, Any], routing_rng: torch.Generator) -> None:
-    from megatron.core.tensor_parallel import get_cuda_rng_tracker
-
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    get_cuda_rng_tracker().set_states(state["megatron_tracker"])
-    routing_rng.set_state(state["routing"])
-
-
-def save_checkpoint(
-    cfg: Config,
-    step: int,
-    actor,
-    dataset,
-    routing_rng,
-    hf_config: dict,
-    extra: dict[str, Any],
-    ahead: dict | None = None,
-) -> Path:
-    """Collective: every rank writes its shards and RNG state; rank 0 makes the result visible.
-
-    ``extra``: small JSON-able run state of the loop (wall clock so far, best eval scores).
-    ``ahead``: the next step's rollouts of an async run (``RolloutSource.state_dict``), or None."""
-    from megatron.core import dist_checkpointing
-
-    root = checkpoint_root(cfg)
-    final = root / f"step_{step:06d}"
-    tmp = root / f"step_{step:06d}.tmp"
-    rank = dist.get_rank()
-    if rank == 0:
-        for leftover in [*root.glob("*.tmp"), *root.glob("*.deleting")]:
-            shutil.rmtree(leftover)
-        (tmp / MODEL_DIR).mkdir(parents=True)
-        (tmp / "rng").mkdir()
-        (tmp / "teacher_fp32").mkdir()
-    dist.barrier()
-
-    # one device for every tensor of the save (teacher_offload)
-    with actor.teacher_on_device(), opaque_phase(f"saving checkpoint {final.name}", enabled=rank == 0):
-        dist_checkpointing.save(_sharded_state(actor, is_loading=False), str(tmp / MODEL_DIR))
-    torch.save(_rng_state(routing_rng), tmp / "rng" / f"rank_{rank:05d}.pt")
-    torch.save(actor.ema.state_dict(), tmp / "teacher_fp32" / f"rank_{rank:05d}.pt")
-    dist.barrier()  # every shard and every RNG file is on disk
-
-    if rank == 0:
-        write_meta(
-            tmp,
-            hf_config=hf_config,
-            tp=cfg.model.tp,
-            pp=cfg.model.pp,
-            make_vocab_size_divisible_by=cfg.model.make_vocab_size_divisible_by,
-            padded_vocab_size=actor.student.vocab_size,
-            params_dtype=actor.student.config.params_dtype,
-            source=f"srpo_megatron training step {step}",
-        )
-        metrics = cfg.output_dir / "metrics.jsonl"
-        if metrics.is_file():
-            shutil.copy(metrics, tmp / "metrics.jsonl")
-        state = {
-            "step": step,
-            "data": dataset.state_dict(),
-            "scheduler": actor.scheduler.state_dict(),
-            "layout": {"tp": cfg.model.tp, "pp": cfg.model.pp, "world_size": dist.get_world_size()},
-            "config": to_dict(cfg),
-            "extra": extra,
-        }
-        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1, default=str))
-        if ahead is not None:
-            torch.save(ahead, tmp / AHEAD_FILE)
-        # the completeness marker (list_checkpoints) and the manifest verify_checkpoint checks: last
-        files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
-        (tmp / COMPLETE).write_text(json.dumps({"step": step, "files": files}, indent=1))
-        os.replace(tmp, final)
-        for _, old in list_checkpoints(root)[: -cfg.ckpt.keep_last]:
-            _delete_checkpoint(old)
-    dist.barrier()
-    return final
 
 
 def find_resume_checkpoint(cfg: Config) -> Path | None:
@@ -217,7 +124,7 @@ def find_resume_checkpoint(cfg: Config) -> Path | None:
         problem = verify_checkpoint(path)
         if problem is not None:
             raise UserError(f"ckpt.resume={path}: {problem}")
-        step = json.loads((path / "trainer_state.json").read_text())["step"]
+        step = json.loads((path / TRAINER_STATE).read_text())["step"]
         later = [p.name for s, p in list_checkpoints(root) if s > step and p.resolve() != path.resolve()]
         if later:
             raise UserError(
@@ -246,62 +153,173 @@ def find_resume_checkpoint(cfg: Config) -> Path | None:
     return None
 
 
-def load_checkpoint(path: Path, cfg: Config, actor, dataset, routing_rng) -> tuple[int, dict[str, Any]]:
-    """Restore everything ``save_checkpoint`` wrote; returns (the step it was taken after, extra)."""
-    from megatron.core import dist_checkpointing
+class Stateful(Protocol):
+    """A part of the run's state, as torch modules and optimizers have it."""
 
-    state = json.loads((path / "trainer_state.json").read_text())
-    saved = state["layout"]
-    here = {"tp": cfg.model.tp, "pp": cfg.model.pp, "world_size": dist.get_world_size()}
-    if saved != here:
-        raise UserError(
-            f"checkpoint {path} was written with {saved}, this run is {here}: resuming training state "
-            "across layouts is not supported. Convert its weights instead (tools/convert_ckpt/"
-            "mcore_to_hf.py, then model.hf_dir=...) and start a new run."
-        )
-    with actor.teacher_on_device():
-        with opaque_phase(f"loading checkpoint {path.name}", enabled=dist.get_rank() == 0):
-            loaded = dist_checkpointing.load(_sharded_state(actor, is_loading=True), str(path / MODEL_DIR))
-        _load_module(actor.student, loaded["model"], "")
-        _load_module(actor.teacher, loaded["teacher"], TEACHER_PREFIX)
-    actor.load_optimizer_state(loaded["optimizer"])
-    actor.ema.load_state_dict(torch.load(path / "teacher_fp32" / f"rank_{dist.get_rank():05d}.pt"))
-    actor.scheduler.load_state_dict(state["scheduler"])
-    dataset.load_state_dict(state["data"])
-    rng_file = path / "rng" / f"rank_{dist.get_rank():05d}.pt"
-    _set_rng_state(torch.load(rng_file, weights_only=False), routing_rng)
-    return int(state["step"]), state["extra"]
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
 
 
-def load_ahead(path: Path) -> dict | None:
-    """The next step's rollouts that ``save_checkpoint`` wrote (async runs), or None."""
-    file = path / AHEAD_FILE
-    return torch.load(file) if file.is_file() else None
+class RngState:
+    """This rank's random number generators: Python's, numpy's, torch's (CPU and CUDA), Megatron's
+    CUDA RNG tracker (dropout in tensor-parallel regions) and ``routing``, the generator of the
+    routing's random choices (``route_rollouts``), seeded with ``seed``."""
+
+    def __init__(self, seed: int) -> None:
+        self.routing = torch.Generator().manual_seed(seed)
+
+    def state_dict(self) -> dict[str, Any]:
+        from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+        return {
+            "python": random.getstate(),
+            "numpy": np.random.get_state(),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "megatron_tracker": get_cuda_rng_tracker().get_states(),
+            "routing": self.routing.get_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+        random.setstate(state["python"])
+        np.random.set_state(state["numpy"])
+        torch.set_rng_state(state["torch"])
+        if state["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+        get_cuda_rng_tracker().set_states(state["megatron_tracker"])
+        self.routing.set_state(state["routing"])
 
 
-def _load_module(module: torch.nn.Module, state: dict, prefix: str) -> None:
-    state = {k.removeprefix(prefix): v for k, v in state.items()}
-    result = module.load_state_dict(state, strict=False)
-    missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
-    if missing or result.unexpected_keys:
-        raise UserError(
-            f"checkpoint does not match the model: missing {missing}, unexpected {result.unexpected_keys}"
-        )
+class Checkpointer:
+    """Saves a run's state after a step and loads it back (collectives: every rank calls them).
+
+    ``actor``: its sharded state goes to ``model/``, its per-rank state to ``teacher_fp32/``.
+    ``rng``: to ``rng/``, per rank. ``rollouts``: the batch in hand for the next step, to
+    ``rollouts_ahead.pt`` (async runs). ``shared``: the parts that are the same on every rank, by
+    name, to trainer_state.json (JSON-able states); they load in this order, before ``rollouts``
+    (whose saved batch is drawn again from the dataset's position).
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        hf_config: dict,
+        actor: MegatronActor,
+        *,
+        rng: RngState,
+        rollouts: RolloutSource,
+        shared: dict[str, Stateful],
+    ) -> None:
+        self.cfg = cfg
+        self.hf_config = hf_config
+        self.actor = actor
+        self.rng = rng
+        self.rollouts = rollouts
+        self.shared = shared
+
+    def save(self, step: int) -> Path:
+        """The checkpoint of the run after step ``step``, made visible atomically (the module
+        docstring), then the oldest beyond ``ckpt.keep_last`` deleted. Returns its directory."""
+        from megatron.core import dist_checkpointing
+
+        root = checkpoint_root(self.cfg)
+        final = root / f"step_{step:06d}"
+        tmp = root / f"step_{step:06d}.tmp"
+        rank = dist.get_rank()
+        if rank == 0:
+            for leftover in [*root.glob("*.tmp"), *root.glob("*.deleting")]:
+                shutil.rmtree(leftover)
+            for folder in (MODEL_DIR, RNG_DIR, TEACHER_FP32_DIR):
+                (tmp / folder).mkdir(parents=True)
+        dist.barrier()
+
+        # one device for every tensor of the save (teacher_offload)
+        with (
+            self.actor.teacher_on_device(),
+            opaque_phase(f"saving checkpoint {final.name}", enabled=rank == 0),
+        ):
+            dist_checkpointing.save(self.actor.sharded_state_dict(), str(tmp / MODEL_DIR))
+        torch.save(self.rng.state_dict(), tmp / _rank_file(RNG_DIR))
+        torch.save(self.actor.state_dict(), tmp / _rank_file(TEACHER_FP32_DIR))
+        dist.barrier()  # every shard and every per-rank file is on disk
+
+        if rank == 0:
+            self.actor.write_model_meta(tmp, self.hf_config, source=f"srpo_megatron training step {step}")
+            metrics = self.cfg.output_dir / "metrics.jsonl"
+            if metrics.is_file():
+                shutil.copy(metrics, tmp / "metrics.jsonl")
+            state = {
+                "step": step,
+                "layout": self._layout(),
+                "config": to_dict(self.cfg),
+                "shared": {name: part.state_dict() for name, part in self.shared.items()},
+            }
+            (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=1, default=str))
+            ahead = self.rollouts.state_dict()
+            if ahead is not None:
+                torch.save(ahead, tmp / AHEAD_FILE)
+            # the completeness marker (list_checkpoints) and the manifest verify_checkpoint checks: last
+            files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
+            (tmp / COMPLETE).write_text(json.dumps({"step": step, "files": files}, indent=1))
+            os.replace(tmp, final)
+            for _, old in list_checkpoints(root)[: -self.cfg.ckpt.keep_last]:
+                _delete_checkpoint(old)
+        dist.barrier()
+        return final
+
+    def load(self, path: Path) -> int:
+        """Everything ``save`` wrote to ``path`` (verified by ``find_resume_checkpoint``) back into
+        the run's parts; returns the step it was taken after."""
+        from megatron.core import dist_checkpointing
+
+        state = json.loads((path / TRAINER_STATE).read_text())
+        if "shared" not in state:  # the LR schedule was in trainer_state.json, not in model/
+            raise UserError(
+                f"checkpoint {path} was written by an earlier srpo_megatron, whose training state does "
+                "not resume here. Convert its weights instead (srpo-convert-ckpt mcore-to-hf, then "
+                "model.hf_dir=...) and start a new run."
+            )
+        if state["layout"] != self._layout():
+            raise UserError(
+                f"checkpoint {path} was written with {state['layout']}, this run is {self._layout()}: "
+                "resuming training state across layouts is not supported. Convert its weights instead "
+                "(srpo-convert-ckpt mcore-to-hf, then model.hf_dir=...) and start a new run."
+            )
+        with self.actor.teacher_on_device():
+            with opaque_phase(f"loading checkpoint {path.name}", enabled=dist.get_rank() == 0):
+                sharded = self.actor.sharded_state_dict(is_loading=True)
+                loaded = dist_checkpointing.load(sharded, str(path / MODEL_DIR))
+            self.actor.load_sharded_state_dict(loaded)
+        self.actor.load_state_dict(torch.load(path / _rank_file(TEACHER_FP32_DIR)))
+        for name, part in self.shared.items():
+            part.load_state_dict(state["shared"][name])
+        self.rng.load_state_dict(torch.load(path / _rank_file(RNG_DIR), weights_only=False))
+        step = int(state["step"])
+        ahead = path / AHEAD_FILE
+        self.rollouts.load_state_dict(torch.load(ahead) if ahead.is_file() else None, step)
+        return step
+
+    def _layout(self) -> dict[str, int]:
+        return {"tp": self.cfg.model.tp, "pp": self.cfg.model.pp, "world_size": dist.get_world_size()}
+
+
+def _rank_file(folder: str) -> str:
+    return f"{folder}/rank_{dist.get_rank():05d}.pt"
 
 
 def export_hf(ckpt_dir: Path, out_dir: Path, tokenizer_dir: str | None) -> None:
-    """The policy of a training checkpoint as an HF directory, by tools/convert_ckpt/mcore_to_hf.py.
+    """The policy of a training checkpoint as an HF directory, by ``srpo-convert-ckpt mcore-to-hf``.
 
     A separate process: the converter builds the model as a world of one (TP=1, PP=1), which this
     process, a rank of the training world, cannot be.
     """
-    import subprocess
-    import sys
-
-    tool = Path(__file__).parents[2] / "tools" / "convert_ckpt" / "mcore_to_hf.py"
     if (out_dir / "model.safetensors.index.json").is_file():
         shutil.rmtree(out_dir)  # our export of an earlier (shorter) run of this output_dir
-    command = [sys.executable, str(tool), "--mcore-dir", str(ckpt_dir), "--out-dir", str(out_dir)]
+    command = [sys.executable, "-m", "srpo_megatron.convert_ckpt", "mcore-to-hf"]
+    command += ["--mcore-dir", str(ckpt_dir), "--out-dir", str(out_dir)]
     if tokenizer_dir:
         command += ["--tokenizer-dir", str(tokenizer_dir)]
     subprocess.run(command, check=True, env=child_process_env())  # not a rank of this world

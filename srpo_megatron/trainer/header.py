@@ -16,7 +16,7 @@ from srpo_megatron.models.qwen3.config import Qwen3Arch
 from srpo_megatron.models.qwen3.mapping import count_megatron_params
 from srpo_megatron.models.vocab import padded_vocab_size
 from srpo_megatron.rewards.registry import get_reward_fn
-from srpo_megatron.trainer.checkpoint import checkpoint_root
+from srpo_megatron.trainer.checkpoint import TRAINER_STATE, checkpoint_root
 
 
 def config_line(paths: list[str], overrides: list[str]) -> str:
@@ -90,7 +90,7 @@ def _reward_name(source: str, tool_use_parser: str) -> str:
 
 def _start_point(cfg: Config, resume: Path | None) -> str:
     if resume is not None:
-        step = json.loads((resume / "trainer_state.json").read_text())["step"]
+        step = json.loads((resume / TRAINER_STATE).read_text())["step"]
         return f"resumes after step {step} from {resume}"
     if cfg.ckpt.resume == "none":
         return "fresh (ckpt.resume=none)"

@@ -1,13 +1,16 @@
 """The SRPO training loop (DESIGN.md, "The data path of one training step"):
 
-    rollouts -> rewards -> routing, advantages -> old log-probs (+ the student's top-K ids)
-      -> EMA-teacher pass on the SDPO-routed rollouts -> per optimizer update: micro-batches through
-      Megatron's schedule, optimizer step -> EMA teacher update -> weight sync -> metrics
+    rollouts -> rewards -> routing, advantages -> this rank's step batch on its device
+      -> old log-probs (+ the student's top-K ids) -> EMA-teacher pass on the SDPO-routed rollouts
+      -> per optimizer update: micro-batches through Megatron's schedule, optimizer step
+      -> EMA teacher update -> weight sync -> metrics (reduced once)
 
 Every rank runs this loop. Rollouts are generated once (by the engine's owner rank) and broadcast,
 so rewards, routing and advantages are the same numbers on every rank; each data-parallel rank
 then runs the actor passes and trains on its own contiguous share of the step's rollouts (whole
-prompt groups). The functions of each stage are in ``rollouts.py``, where a step's rollouts come
+prompt groups), held token-major on its device (``step_batch.py``): the passes fill its columns,
+micro-batches are slices of it, and the step's metrics stay on the device until one all-reduce
+per kind at the end. The functions of each stage are in ``rollouts.py``, where a step's rollouts come
 from (synchronous, or generated during the step before: ``train.async_rollouts``) in
 ``rollout_source.py``; the run's start is in ``setup.py``.
 """
@@ -21,22 +24,21 @@ import torch.distributed as dist
 from srpo_megatron.algorithms import compute_group_advantages, route_rollouts
 from srpo_megatron.config import Config
 from srpo_megatron.rollout.engine import RolloutEngine
+from srpo_megatron.runtime.distributed import get_device
 from srpo_megatron.trainer.actor import MegatronActor
-from srpo_megatron.trainer.batching import build_micro_batches
-from srpo_megatron.trainer.checkpoint import checkpoint_root, export_hf, list_checkpoints, save_checkpoint
+from srpo_megatron.trainer.checkpoint import checkpoint_root, export_hf, list_checkpoints
 from srpo_megatron.trainer.engines import start_engine
-from srpo_megatron.trainer.evaluation import evaluate
+from srpo_megatron.trainer.evaluation import evaluate, summarize_eval
 from srpo_megatron.trainer.header import print_start_header
-from srpo_megatron.trainer.metrics import PhaseTimer, from_last_stage, reduce_train_metrics
+from srpo_megatron.trainer.metrics import MetricSums, PhaseTimer, from_last_stage, reduce_train_metrics
 from srpo_megatron.trainer.rollouts import (
-    build_loss_inputs,
+    build_step_batch,
     compute_old_logp,
     compute_rewards,
     compute_teacher_stats,
-    reduce_logp_gap,
-    reduce_teacher_entropy,
     reduce_weight_stats,
     rollout_metrics,
+    step_stats,
     stop_token_ids,
     teacher_prefixes,
 )
@@ -83,21 +85,23 @@ def _train(run: Run, resume: Path | None) -> RunResult:
     # The engine starts from the actor's weights: the same HF weights on a fresh start, the
     # checkpoint's on a resume.
     run.rollouts.push_weights(run.actor.student, run.hf_config, version=start)
-    metrics, rewards = {}, []
+    metrics, rewards, evaluation = {}, [], {}
     for step in range(start + 1, cfg.train.total_steps + 1):
         metrics = train_step(run, step)
-        run.hours += metrics["time/total"] / 3600
+        run.clock.add(metrics["time/total"])
         last = step == cfg.train.total_steps
+        evaluation = {}
         if run.eval_prompts and (last or _every(step, cfg.eval.every)):
-            metrics |= _evaluate(run, step)
+            evaluation = _evaluate(run, step)
+        metrics |= evaluation
         run.logger.log(step, metrics)
         run.logger.print_line(step, cfg.train.total_steps, metrics)
+        if evaluation and dist.get_rank() == 0:
+            print(f"eval after step {step}: {summarize_eval(evaluation, cfg.eval.n_samples)}")
         rewards.append(metrics["reward_mean"])
         if last or _every(step, cfg.ckpt.save_every):
-            extra = {"hours": run.hours, "best": run.best.state_dict()}
-            ahead = run.rollouts.state_dict()
-            save_checkpoint(cfg, step, run.actor, run.dataset, run.routing_rng, run.hf_config, extra, ahead)
-    _finish(run, rewards)
+            run.checkpointer.save(step)
+    _finish(run, rewards, evaluation)
     return RunResult(metrics, run.actor, run.engine)
 
 
@@ -108,54 +112,63 @@ def train_step(run: Run, step: int) -> dict[str, float]:
     cfg, actor, alg = run.cfg, run.actor, run.cfg.algorithm
     dp_group = parallel_state.get_data_parallel_group()
     last_stage = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
-    batching = {"pad_id": run.tokenizer.pad_token_id or 0, "token_budget": cfg.train.micro_batch_tokens}
     timer = PhaseTimer()
     with timer("total"):
         with timer("rollout"):  # async: the batch generated during the last step, the next submitted
             rows, batch, version_metrics = run.rollouts.take(step)
         with timer("reward"):
-            rewards = compute_rewards(batch, rows, run.tokenizer, cfg.reward.tool_use_parser)
+            rewards, parsed = compute_rewards(batch, rows, run.tokenizer, cfg.reward.tool_use_parser)
         group_ids = torch.tensor(batch.prompt_index, dtype=torch.long)
-        routing = route_rollouts(rewards, group_ids, alg, generator=run.routing_rng)
+        routing = route_rollouts(rewards, group_ids, alg, generator=run.rng.routing)
         advantages = compute_group_advantages(rewards, group_ids, std_norm=alg.adv_std_norm)
 
         mine = _my_share(len(batch), dist.get_world_size(dp_group), dist.get_rank(dp_group))
-        with timer("old_logp"):
-            topk = alg.topk if alg.uses_teacher else 0
-            old = compute_old_logp(actor, batch, mine, topk=topk, **batching)
-        with timer("teacher"):
+        with timer("batch"):  # this rank's share, token-major, on its device
             needs = [i for i in mine if bool(routing.needs_teacher[i])]
             prefixes = teacher_prefixes(
                 batch, needs, routing.sibling, run.tokenizer, rows, alg.teacher_max_prompt_len
             )
-            teacher = compute_teacher_stats(actor, batch, needs, prefixes, old, **batching)
+            step_batch = build_step_batch(
+                batch,
+                mine,
+                routing,
+                advantages,
+                alg,
+                dict(zip(needs, prefixes, strict=True)),
+                pad_id=run.tokenizer.pad_token_id or 0,
+                device=get_device(),
+            )
+        with timer("old_logp"):
+            compute_old_logp(actor, step_batch)
+        with timer("teacher"):
+            compute_teacher_stats(actor, step_batch)
+        sums = MetricSums()  # the step's metrics of its passes, on the device (last stage)
         with timer("train"):
             updates = cfg.train.prompts_per_step // cfg.train.mini_batch_prompts
             per_update = len(mine) // updates
-            train_metrics = []
+            train_updates = []
             for k in range(updates):
-                ids = mine[k * per_update : (k + 1) * per_update]
-                mbs = build_micro_batches(
-                    [batch.prompt_ids[i] for i in ids], [batch.response_ids[i] for i in ids], **batching
-                )
+                first, last = k * per_update, (k + 1) * per_update
+                mbs = actor.micro_batches(step_batch.student, first, last)
                 inputs = weights = None
                 if last_stage:
-                    inputs = [
-                        build_loss_inputs(mb, ids, batch, routing, advantages, old, teacher) for mb in mbs
-                    ]
+                    inputs = [step_batch.loss_batch(mb.span) for mb in mbs]
                     if alg.uses_dynamic_weighting:
-                        weights = reduce_weight_stats(inputs, alg.entropy_beta, dp_group)
-                train_metrics.append(actor.train(mbs, inputs, weight_stats=weights))
-        if any(m["update_ok"] for m in train_metrics):
+                        span = step_batch.student.span(first, last)
+                        weights = reduce_weight_stats(step_batch, span, alg.entropy_beta, dp_group)
+                update = actor.train(mbs, inputs, weight_stats=weights)
+                for metrics in update.metrics:
+                    sums.add(metrics)
+                train_updates.append(update)
+        if any(u.ok for u in train_updates):
             actor.update_teacher(alg.ema_decay)
         # async: waits for the next step's batch first (time/rollout_wait)
         sync_metrics = run.rollouts.push_weights(actor.student, run.hf_config, version=step, timer=timer)
 
-    metrics = rollout_metrics(batch, rewards, routing, alg.variant) | version_metrics
-    metrics |= reduce_teacher_entropy(teacher, dp_group)
-    if old is not None:  # the last pipeline stage
-        metrics |= reduce_logp_gap(old, batch, dp_group)
-    metrics |= reduce_train_metrics(train_metrics, dp_group) | sync_metrics
+    if last_stage:
+        sums.add(step_stats(step_batch))
+    metrics = rollout_metrics(batch, rewards, parsed, routing, alg.variant) | version_metrics
+    metrics |= reduce_train_metrics(train_updates, sums, dp_group) | sync_metrics
     return from_last_stage(metrics) | timer.seconds
 
 
@@ -174,10 +187,12 @@ def _evaluate(run: Run, step: int) -> dict[str, float]:
             run.engine, run.cfg, run.tokenizer, run.eval_prompts, stop_token_ids(run.tokenizer), seed=step
         )
     key = f"eval/avg@{run.cfg.eval.n_samples}"
-    return metrics | run.best.update(metrics[key], run.hours) | timer.seconds
+    return metrics | run.best.update(metrics[key], run.clock.hours) | timer.seconds
 
 
-def _finish(run: Run, rewards: list[float]) -> None:
+def _finish(run: Run, rewards: list[float], evaluation: dict[str, float]) -> None:
+    """The run's last lines (rank 0): the reward's trend, the last step's evaluation (none if that
+    step had no evaluation), where the metrics are; then the HF export."""
     cfg = run.cfg
     run.logger.close()
     if dist.get_rank() != 0:
@@ -186,6 +201,8 @@ def _finish(run: Run, rewards: list[float]) -> None:
         k = min(10, len(rewards))
         first, last = sum(rewards[:k]) / k, sum(rewards[-k:]) / k
         print(f"reward_mean: first {k} steps {first:.3f}, last {k} steps {last:.3f} ({last - first:+.3f})")
+    if evaluation:
+        print(f"final eval: {summarize_eval(evaluation, cfg.eval.n_samples)}")
     print(f"metrics: {cfg.output_dir / 'metrics.jsonl'}")
     if cfg.ckpt.export_hf:
         _, ckpt = list_checkpoints(checkpoint_root(cfg))[-1]

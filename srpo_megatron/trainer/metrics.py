@@ -2,8 +2,9 @@
 a crash loses nothing already logged), TensorBoard events, optional wandb, and a live line.
 
 Only the logging rank (global rank 0) writes; every rank may call ``log`` (others do nothing).
-``reduce_train_metrics`` and ``from_last_stage`` bring the training metrics of every micro-batch,
-update and rank to that one rank, one number per key.
+``MetricSums`` combines a step's typed metrics on the device; ``reduce_train_metrics`` and
+``from_last_stage`` bring those of every micro-batch, update and rank to that one rank, one
+number per key.
 """
 
 import json
@@ -12,15 +13,25 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 from rich.console import Console
 
-# The keys the progress line shows, in order, with their short labels.
+from srpo_megatron.algorithms.stats import Max, Mean, Metric, Min
+
+if TYPE_CHECKING:
+    from srpo_megatron.trainer.actor import Update
+
+# The keys the progress line shows, in order, with their short labels (an evaluation's result
+# follows on a line of its own: loop._train).
 _LINE = (
     ("reward_mean", "reward"),
+    ("format_rate", "format"),
     ("sdpo_fraction", "sdpo"),
+    ("route/grpo_token_frac", "grpo_tok"),
+    ("route/sdpo_token_frac", "sdpo_tok"),
     ("teacher_entropy_mean", "H_T"),
     ("loss", "loss"),
     ("grad_norm", "|g|"),
@@ -108,67 +119,66 @@ def _plain(value):
     return value
 
 
-# The tokens each per-micro-batch statistic is a mean over, by key prefix.
-_TOKENS_OF = {
-    "route/": lambda m: m["valid_tokens"],
-    "is/": lambda m: m["valid_tokens"],
-    "grpo/": lambda m: round(m["route/grpo_token_frac"] * m["valid_tokens"]),
-    "sdpo/": lambda m: round(m["route/sdpo_token_frac"] * m["valid_tokens"]),
-    "dw/": lambda m: round(m["route/sdpo_token_frac"] * m["valid_tokens"]),
-}
+class MetricSums:
+    """A step's typed metrics (``algorithms/stats.py``), combined on the device as they come
+    (``add``), then over a group of ranks in one all-reduce per kind (``reduce``)."""
+
+    def __init__(self) -> None:
+        self._metrics: dict[str, Metric] = {}
+
+    def add(self, metrics: dict[str, Metric]) -> None:
+        for name, metric in metrics.items():
+            held = self._metrics.get(name)
+            if held is not None and type(held) is not type(metric):
+                raise TypeError(f"metric {name}: a {type(metric).__name__} after a {type(held).__name__}")
+            self._metrics[name] = metric if held is None else held + metric
+
+    def __bool__(self) -> bool:
+        return bool(self._metrics)
+
+    def reduce(self, group) -> dict[str, float]:
+        """Collective over ``group`` (every rank holds the same names): one number per name. A mean
+        over no element is 0, as is an extreme over none."""
+        names = sorted(self._metrics)
+        means = [n for n in names if isinstance(self._metrics[n], Mean)]
+        out: dict[str, float] = {}
+        if means:
+            parts = [t.double() for n in means for t in (self._metrics[n].total, self._metrics[n].count)]
+            sums = torch.stack(parts)
+            dist.all_reduce(sums, group=group)
+            values = sums.view(-1, 2).tolist()  # the step's one host read of its means
+            out |= {
+                n: total / count if count > 0 else 0.0
+                for n, (total, count) in zip(means, values, strict=True)
+            }
+        for kind, op in ((Min, dist.ReduceOp.MIN), (Max, dist.ReduceOp.MAX)):
+            chosen = [n for n in names if isinstance(self._metrics[n], kind)]
+            if not chosen:
+                continue
+            extremes = torch.stack([self._metrics[n].value.double() for n in chosen])
+            dist.all_reduce(extremes, op=op, group=group)
+            out |= {n: v if math.isfinite(v) else 0.0 for n, v in zip(chosen, extremes.tolist(), strict=True)}
+        return out
 
 
-def reduce_train_metrics(per_update: list[dict], group) -> dict[str, float]:
+def reduce_train_metrics(updates: "list[Update]", sums: MetricSums, group) -> dict[str, float]:
     """One number per key over the step's optimizer updates, their micro-batches and every rank of
-    ``group`` (data parallel; a collective on the last pipeline stage, where the micro-batch
-    metrics are).
+    ``group`` (data parallel; a collective on the last pipeline stage, where ``sums`` holds the
+    loss's metrics and the step's other statistics; empty elsewhere).
 
-    Loss terms are numerators: summed, then divided by the step's global token count. Statistics
-    are token-weighted means over their branch's tokens (0 where a branch has none); weight min /
-    max are the extremes over the tokens that have a weight.
+    Loss terms are their numerators over the step's global token count; statistics are means over
+    their tokens (0 where there are none); weight min / max are the extremes over the weighted tokens.
     """
     out: dict[str, float] = {}
-    for key in ("grad_norm", "lr", "update_ok"):  # the same on every rank
-        values = [u[key] for u in per_update if math.isfinite(u[key])]
-        out[key] = sum(values) / len(values) if values else float("nan")
-    out["skipped_updates"] = sum(u["skipped_update"] for u in per_update)
-    micro = [m for update in per_update for m in update["micro_batches"]]
-    if not micro:  # not the last pipeline stage
+    grad_norms = [u.grad_norm for u in updates if math.isfinite(u.grad_norm)]
+    out["grad_norm"] = sum(grad_norms) / len(grad_norms) if grad_norms else float("nan")
+    out["lr"] = sum(u.lr for u in updates) / len(updates)
+    out["update_ok"] = sum(u.ok for u in updates) / len(updates)
+    out["skipped_updates"] = sum(not u.ok for u in updates)
+    if not sums:  # not the last pipeline stage
         return out
-    means = [k for k in micro[0] if k.startswith(tuple(_TOKENS_OF)) and not k.endswith(("_min", "_max"))]
-    extremes = [k for k in micro[0] if k.endswith(("_min", "_max"))]
-    sums = torch.zeros(3 + 2 * len(means), dtype=torch.float64)  # loss numerators, token count, ...
-    for m in micro:
-        sums[0] += m["loss/grpo"]
-        sums[1] += m["loss/sdpo"]
-        sums[2] += m["num_tokens"]
-        for j, key in enumerate(means):
-            tokens = next(weigh(m) for prefix, weigh in _TOKENS_OF.items() if key.startswith(prefix))
-            sums[3 + 2 * j] += m[key] * tokens
-            sums[4 + 2 * j] += tokens
-    # an extreme over no token is +-inf here and 0 in the log, as the loss's own metrics have it
-    lows = torch.full((len(extremes),), math.inf, dtype=torch.float64)
-    highs = torch.full((len(extremes),), -math.inf, dtype=torch.float64)
-    for m in micro:
-        if _TOKENS_OF["dw/"](m) == 0:
-            continue  # dw/weight_* are over SDPO tokens
-        for j, key in enumerate(extremes):
-            lows[j] = min(lows[j], m[key])
-            highs[j] = max(highs[j], m[key])
-    dist.all_reduce(sums, group=group)
-    dist.all_reduce(lows, op=dist.ReduceOp.MIN, group=group)
-    dist.all_reduce(highs, op=dist.ReduceOp.MAX, group=group)
-
-    tokens = max(float(sums[2]), 1.0)
-    out["loss/grpo"] = float(sums[0]) / tokens
-    out["loss/sdpo"] = float(sums[1]) / tokens
+    out |= sums.reduce(group)
     out["loss"] = out["loss/grpo"] + out["loss/sdpo"]
-    for j, key in enumerate(means):
-        weight = float(sums[4 + 2 * j])
-        out[key] = float(sums[3 + 2 * j]) / weight if weight > 0 else 0.0
-    for j, key in enumerate(extremes):
-        value = float(lows[j] if key.endswith("_min") else highs[j])
-        out[key] = value if math.isfinite(value) else 0.0
     return out
 
 

@@ -8,10 +8,9 @@ checkpoint's state (``resume_if_any``)."""
 
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 
 from srpo_megatron.config import Config, check_recompute_layers, to_dict, validate_layout
@@ -26,13 +25,8 @@ from srpo_megatron.rollout.engine import RolloutEngine
 from srpo_megatron.rollout.weight_sync import WeightSync
 from srpo_megatron.runtime.distributed import ParallelLayout, from_rank_0, init_distributed
 from srpo_megatron.trainer.actor import MegatronActor
-from srpo_megatron.trainer.checkpoint import (
-    checkpoint_root,
-    find_resume_checkpoint,
-    load_ahead,
-    load_checkpoint,
-)
-from srpo_megatron.trainer.evaluation import BestWithinBudget, load_eval_prompts
+from srpo_megatron.trainer.checkpoint import Checkpointer, RngState, checkpoint_root, find_resume_checkpoint
+from srpo_megatron.trainer.evaluation import BestWithinBudget, RunClock, load_eval_prompts
 from srpo_megatron.trainer.metrics import MetricsLogger
 from srpo_megatron.trainer.rollout_source import RolloutSource
 from srpo_megatron.trainer.run_dir import lock_run_dir, refuse_to_start_over, restore_metrics
@@ -102,10 +96,11 @@ class Run:
     weight_sync: WeightSync
     rollouts: RolloutSource  # each step's rollouts (synchronous, or one step ahead), and the weight sync
     logger: MetricsLogger
-    routing_rng: torch.Generator
+    rng: RngState
     eval_prompts: list
-    best: BestWithinBudget = field(default_factory=BestWithinBudget)
-    hours: float = 0.0  # training wall clock so far (for the eval budgets), kept across resumes
+    clock: RunClock  # training wall clock so far (for the eval budgets)
+    best: BestWithinBudget
+    checkpointer: Checkpointer  # saves and loads the parts above
 
 
 def start_distributed(cfg: Config) -> None:
@@ -148,15 +143,18 @@ def open_run_dir(cfg: Config):
 
 def build_run(cfg: Config, hf_config: dict, tokenizer, dataset, engine, weight_sync) -> Run:
     updates_per_step = cfg.train.prompts_per_step // cfg.train.mini_batch_prompts
+    actor = MegatronActor(cfg, hf_config, optimizer_steps=cfg.train.total_steps * updates_per_step)
+    rollouts = RolloutSource(cfg, tokenizer, dataset, engine, weight_sync)
+    rng, clock, best = RngState(cfg.train.seed), RunClock(), BestWithinBudget()
     return Run(
         cfg=cfg,
         hf_config=hf_config,
         tokenizer=tokenizer,
         dataset=dataset,
-        actor=MegatronActor(cfg, hf_config, optimizer_steps=cfg.train.total_steps * updates_per_step),
+        actor=actor,
         engine=engine,
         weight_sync=weight_sync,
-        rollouts=RolloutSource(cfg, tokenizer, dataset, engine, weight_sync),
+        rollouts=rollouts,
         logger=MetricsLogger(
             cfg.output_dir,
             enabled=dist.get_rank() == 0,
@@ -165,8 +163,18 @@ def build_run(cfg: Config, hf_config: dict, tokenizer, dataset, engine, weight_s
             run_name=cfg.log.run_name,
             config=to_dict(cfg),  # the resolved config: files merged, overrides applied
         ),
-        routing_rng=torch.Generator().manual_seed(cfg.train.seed),
+        rng=rng,
         eval_prompts=load_eval_prompts(cfg, tokenizer) if cfg.eval.every >= 0 else [],
+        clock=clock,
+        best=best,
+        checkpointer=Checkpointer(
+            cfg,
+            hf_config,
+            actor,
+            rng=rng,
+            rollouts=rollouts,
+            shared={"data": dataset, "clock": clock, "best": best},
+        ),
     )
 
 
@@ -174,10 +182,7 @@ def resume_if_any(run: Run, path: Path | None) -> int:
     """The step to continue after (0 for a fresh run)."""
     if path is None:
         return 0
-    step, extra = load_checkpoint(path, run.cfg, run.actor, run.dataset, run.routing_rng)
-    run.rollouts.load_state_dict(load_ahead(path), step)
-    run.hours = extra["hours"]
-    run.best.load_state_dict(extra["best"])
+    step = run.checkpointer.load(path)
     if dist.get_rank() == 0:
         print(f"resumed from {path} (step {step})")
         if step >= run.cfg.train.total_steps:

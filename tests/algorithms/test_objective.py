@@ -8,6 +8,7 @@ from srpo_megatron.algorithms.advantages import compute_group_advantages
 from srpo_megatron.algorithms.config import AlgorithmConfig
 from srpo_megatron.algorithms.objective import LossBatch, compute_srpo_loss, count_denominator_tokens
 from srpo_megatron.algorithms.routing import route_rollouts
+from srpo_megatron.algorithms.stats import Mean
 from srpo_megatron.algorithms.weighting import compute_weight_stats
 
 LN2 = math.log(2.0)
@@ -49,6 +50,13 @@ def toy_batch(route_sdpo: list[bool]) -> LossBatch:
     )
 
 
+def value(metric) -> float:
+    """A metric's number as the trainer logs it (trainer/metrics.py, on one rank)."""
+    if isinstance(metric, Mean):
+        return metric.total.item() / metric.count.item() if metric.count > 0 else 0.0
+    return metric.value.item() if math.isfinite(metric.value) else 0.0
+
+
 def global_stats(cfg, batch):
     n = count_denominator_tokens(cfg, batch.loss_mask, batch.route_sdpo)
     s, c = compute_weight_stats(
@@ -64,15 +72,14 @@ def test_srpo_objective_by_hand():
     assert n == 4 and c == 2 and s.item() == pytest.approx(1.5)
     loss, m = compute_srpo_loss(cfg, batch, n, s, c)
     assert loss.item() == pytest.approx((-1.5 + 2 * JSD) / 4, abs=1e-12)  # N = 4 valid tokens
-    assert m["loss/grpo"].item() == pytest.approx(-1.5 / 4)
-    assert m["loss/sdpo"].item() == pytest.approx(2 * JSD / 4)
+    m = {k: value(v) for k, v in m.items()}
+    assert m["loss/grpo"] == pytest.approx(-1.5 / 4)
+    assert m["loss/sdpo"] == pytest.approx(2 * JSD / 4)
     assert m["route/sdpo_token_frac"] == 0.5 and m["route/grpo_token_frac"] == 0.5
-    assert m["dw/weight_min"].item() == pytest.approx(2 / 3) and m["dw/weight_max"].item() == pytest.approx(
-        4 / 3
-    )
-    assert m["dw/weight_mean"].item() == pytest.approx(1.0)
-    assert m["is/tis_capped_frac"].item() == pytest.approx(1 / 4)
-    assert m["sdpo/is_weight_mean"].item() == pytest.approx(1.25)  # (1.5 + 1) / 2
+    assert m["dw/weight_min"] == pytest.approx(2 / 3) and m["dw/weight_max"] == pytest.approx(4 / 3)
+    assert m["dw/weight_mean"] == pytest.approx(1.0)
+    assert m["is/tis_capped_frac"] == pytest.approx(1 / 4)
+    assert m["sdpo/is_weight_mean"] == pytest.approx(1.25)  # (1.5 + 1) / 2
     assert m["sdpo/is_clip_frac"] == 0 and m["grpo/clip_frac"] == 0
 
 
@@ -80,7 +87,7 @@ def test_srpo_without_dynamic_weighting_by_hand():
     cfg = AlgorithmConfig(variant="srpo_no_dw")
     loss, m = compute_srpo_loss(cfg, toy_batch([False, True]), 4)
     assert loss.item() == pytest.approx((-1.5 + 1.5 * JSD) / 4, abs=1e-12)
-    assert m["dw/weight_mean"] == 1.0
+    assert value(m["dw/weight_mean"]) == 1.0
 
 
 def test_sdpo_variant_averages_over_distilled_tokens_only():
@@ -90,6 +97,7 @@ def test_sdpo_variant_averages_over_distilled_tokens_only():
     assert n == 2
     loss, m = compute_srpo_loss(cfg, batch, n)
     assert loss.item() == pytest.approx(1.5 * JSD / 2, abs=1e-12)
+    m = {k: value(v) for k, v in m.items()}
     assert m["route/grpo_token_frac"] == 0 and m["route/sdpo_token_frac"] == 0.5 and m["loss/grpo"] == 0
 
 
@@ -100,9 +108,7 @@ def test_grpo_variant_by_hand():
     # token 1 ratio 1 -> 0.5.  (-1.5 + 0.75 + 0.5) / 4
     loss, m = compute_srpo_loss(cfg, batch, 4)
     assert loss.item() == pytest.approx((-1.5 + 0.75 + 0.5) / 4, abs=1e-12)
-    assert m["route/grpo_token_frac"] == 1.0 and m["loss/sdpo"] == 0
-    with pytest.raises(ValueError, match="no SDPO branch"):
-        compute_srpo_loss(cfg, toy_batch([False, True]), 4)
+    assert value(m["route/grpo_token_frac"]) == 1.0 and value(m["loss/sdpo"]) == 0
 
 
 def test_advantage_mix_by_hand():
@@ -120,7 +126,7 @@ def test_advantage_mix_by_hand():
     # rollout 1 (no teacher, A_SDPO = 0): A = 0.45 -> l = [-0.45, -0.45]
     loss, m = compute_srpo_loss(cfg, batch, 4)
     assert loss.item() == pytest.approx((-0.35 - 0.65 - 0.45 - 0.45) / 4, abs=1e-12)
-    assert m["grpo/adv_sdpo_mean"].item() == pytest.approx(0.25)  # (-1 + 2 + 0 + 0) / 4
+    assert value(m["grpo/adv_sdpo_mean"]) == pytest.approx(0.25)  # (-1 + 2 + 0 + 0) / 4
 
 
 def test_missing_inputs_raise():
@@ -212,10 +218,46 @@ def test_micro_batches_give_the_full_batch_gradient(variant, dtype):
     (full_grad,) = torch.autograd.grad(full_loss, logits, retain_graph=True)
     micro_grad = torch.zeros_like(logits)
     micro_loss = 0.0
+    combined = {}
     for m in micro:
-        loss, _ = compute_srpo_loss(cfg, slice_batch(batch, m), n, s, c)
+        loss, metrics = compute_srpo_loss(cfg, slice_batch(batch, m), n, s, c)
         micro_grad += torch.autograd.grad(loss, logits, retain_graph=True)[0]
         micro_loss += loss.item()
+        combined = {k: combined[k] + v if k in combined else v for k, v in metrics.items()}
     assert full_grad.abs().sum() > 0
     assert micro_loss == pytest.approx(full_loss.item(), abs=1e-12 if dtype == torch.float64 else 1e-6)
     torch.testing.assert_close(micro_grad, full_grad, rtol=0, atol=1e-6)
+    # the metrics of the micro-batches combine into the full batch's
+    _, full_metrics = compute_srpo_loss(cfg, batch, n, s, c)
+    for key, metric in full_metrics.items():
+        assert value(combined[key]) == pytest.approx(value(metric), abs=1e-6), key
+
+
+@pytest.mark.parametrize("variant", ["grpo", "sdpo", "srpo", "srpo_no_dw", "advantage_mix"])
+def test_token_major_rows_give_the_same_loss_gradient_and_metrics(variant):
+    """The trainer's layout: one row per valid token ([N, 1], per-rollout fields repeated per token)."""
+    cfg = AlgorithmConfig(variant=variant)
+    logits, batch = random_batch(variant, torch.float64)
+    valid = batch.loss_mask.bool()
+    rollout_of = torch.arange(valid.shape[0])[:, None].expand_as(valid)[valid]  # [N]
+
+    def token_major(name, tensor):
+        if tensor is None:
+            return None
+        if name in ("advantages", "route_sdpo", "has_teacher", "fallback"):
+            return tensor[rollout_of]
+        return tensor[valid].unsqueeze(1)  # [N, 1, ...]
+
+    tokens = LossBatch(
+        **{f.name: token_major(f.name, getattr(batch, f.name)) for f in dataclasses.fields(batch)}
+    )
+    n, s, c = global_stats(cfg, batch)
+    loss, metrics = compute_srpo_loss(cfg, batch, n, s, c)
+    token_loss, token_metrics = compute_srpo_loss(cfg, tokens, n, s, c)
+    (grad,) = torch.autograd.grad(loss, logits, retain_graph=True)
+    (token_grad,) = torch.autograd.grad(token_loss, logits)
+    assert token_loss.item() == pytest.approx(loss.item(), abs=1e-12)
+    torch.testing.assert_close(token_grad, grad, rtol=0, atol=1e-12)
+    assert {k: value(v) for k, v in token_metrics.items()} == pytest.approx(
+        {k: value(v) for k, v in metrics.items()}
+    )

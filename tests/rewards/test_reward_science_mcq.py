@@ -40,6 +40,22 @@ def test_reasons_name_the_failure():
     assert score_science_mcq("<answer>A</answer>", "A").reason == "correct"
 
 
+@pytest.mark.parametrize(
+    ("response", "parsed"),
+    [
+        ("<answer>B</answer>", True),
+        ("<answer>C</answer>", True),  # a wrong answer, in the format
+        ("<answer></answer>", True),
+        ("<answer>A</answer> on second thought <answer>B", False),  # the last tag decides
+        ("B", False),
+        ("", False),
+        (b"<answer>B</answer>", False),
+    ],
+)
+def test_parsed_is_the_format_whatever_the_score(response, parsed):
+    assert score_science_mcq(response, "B").parsed is parsed
+
+
 def test_gold_is_stripped_and_bad_gold_is_a_data_error():
     assert score_science_mcq("<answer>D</answer>", " D\n").score == 1.0
     for bad in ["", "   ", None, 3]:
@@ -85,3 +101,4 @@ def test_fuzz_never_raises(response, gold):
     result.reason.encode("utf-8")  # always loggable
     if result.score == 1.0:
         assert extract_last_answer(response) == gold
+    assert result.parsed == (extract_last_answer(response) is not None)

@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from srpo_megatron.rewards import get_reward_fn, score_tool_use
+from srpo_megatron.rewards import RewardResult, get_reward_fn, score_tool_use
 from srpo_megatron.rewards.tool_use import (
     MAX_ACTION_INPUT_BLOCKS,
     MAX_DECODED_CHARS,
@@ -48,6 +48,27 @@ def test_worked_examples_wrong(response, why):
     result = score_tool_use(response, AXOLOTL)
     assert result.score == 0.0
     assert result.reason.startswith(why)
+
+
+@pytest.mark.parametrize(
+    ("response", "parsed"),
+    [
+        (AXOLOTL_OK, True),
+        (AXOLOTL_OK.replace("searchAxolotlImages", "getAxolotlFacts"), True),  # wrong call, in the format
+        ("Action: searchAxolotlImages\nAction Input: {color: wild}", True),  # not JSON: a wrong input
+        ("Action Input: {}", False),
+        ("I would search for wild axolotls.", False),
+        ("", False),
+    ],
+)
+def test_parsed_is_the_format_whatever_the_score(response, parsed):
+    assert score_tool_use(response, AXOLOTL).parsed is parsed
+
+
+def test_parsed_against_a_gold_without_calls_and_past_the_caps():
+    assert score_tool_use("No tool is needed.", "[]") == RewardResult(1.0, "correct", parsed=True)
+    capped = "Action: f\n" + 'Action Input: {"n": 1}\n' * (MAX_ACTION_INPUT_BLOCKS + 1)
+    assert not score_tool_use(capped, gold(("f", {"n": 1}))).parsed
 
 
 def test_multiple_calls_merge_inputs_and_count_names():
@@ -207,3 +228,4 @@ def test_fuzz_never_raises(response, parser):
     result = score_tool_use(response, gold(("f", {"n": 1})), parser=parser)
     assert result.score in (0.0, 1.0)
     result.reason.encode("utf-8")
+    assert result.parsed or result.score == 0.0

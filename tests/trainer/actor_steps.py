@@ -12,6 +12,7 @@ from tiny_training import parity_reward
 
 from srpo_megatron.config import load_config
 from srpo_megatron.trainer import loop, rollouts, setup
+from srpo_megatron.trainer.checkpoint import Checkpointer
 from srpo_megatron.trainer.engines import start_engine
 from srpo_megatron.trainer.teacher import iter_main_shards
 
@@ -57,15 +58,15 @@ def train_until_a_crash_after_save(overrides: list[str], crash_step: int):
     """A tiny training that dies right after its step-``crash_step`` checkpoint is complete."""
     from tiny_training import train_in_ranks
 
-    save = loop.save_checkpoint
+    save = Checkpointer.save
 
-    def save_then_crash(cfg, step, *args, **kwargs):
-        path = save(cfg, step, *args, **kwargs)
+    def save_then_crash(self, step):
+        path = save(self, step)
         if step == crash_step:
             raise RuntimeError(f"simulated crash after the step-{step} checkpoint")
         return path
 
-    loop.save_checkpoint = save_then_crash
+    Checkpointer.save = save_then_crash
     return train_in_ranks(overrides)
 
 
@@ -74,44 +75,41 @@ def gradients_per_memory_setting_in_ranks(overrides: list[str], settings: dict[s
     recompute), all from the same weights over the same micro-batches (odd length: padded under
     sequence parallelism), GRPO and SDPO rows alike. Returns on rank 0, per setting, the loss terms
     of each micro-batch and the full fp32 gradient."""
-    from srpo_megatron.algorithms import LossBatch
     from srpo_megatron.trainer.actor import MegatronActor
-    from srpo_megatron.trainer.batching import build_micro_batches
+    from srpo_megatron.trainer.rollouts import compute_old_logp, compute_teacher_stats
     from srpo_megatron.trainer.setup import load_model_config
+    from srpo_megatron.trainer.step_batch import StepBatch
 
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(10, 1000, (n,), generator=g).tolist() for n in (5, 8, 3, 6)]
     responses = [torch.randint(10, 1000, (n,), generator=g).tolist() for n in (8, 4, 9, 5)]
+    sdpo = torch.tensor([False, True, False, True])  # each micro-batch: a GRPO and an SDPO rollout
     out = {}
     for name, extra in settings.items():
-        cfg = load_config(["configs/tiny_cpu.yaml"], [*overrides, *extra])
+        cfg = load_config(["configs/tiny_cpu.yaml"], [*overrides, *extra, "train.micro_batch_tokens=26"])
         actor = MegatronActor(cfg, load_model_config(cfg), optimizer_steps=1)
-        mbs = build_micro_batches(prompts, responses, pad_id=0, token_budget=26)  # 2 x [2, 13]
-        old = actor.forward(mbs, teacher=False, topk=cfg.algorithm.topk)
-        teacher = actor.forward(mbs, teacher=True, gather_ids=[s.topk_ids for s in old], want_entropy=True)
-        inputs = []
-        for mb, o, t in zip(mbs, old, teacher, strict=True):
-            # The teacher equals the student at the start: move its top-K mass about, so that the
-            # SDPO term has a gradient (same generator seed in every setting).
-            noise = torch.randn(t.gathered_logp.shape, generator=torch.Generator().manual_seed(1))
-            mass = t.gathered_logp.logsumexp(-1, keepdim=True)
-            old_logp = mb.to_response_layout(o.logp)
-            inputs.append(
-                LossBatch(
-                    old_logp=old_logp,
-                    rollout_logp=old_logp,
-                    loss_mask=mb.response_mask.float(),
-                    advantages=torch.tensor([1.0, -0.5]),
-                    route_sdpo=torch.tensor([False, True]),
-                    has_teacher=torch.tensor([False, True]),
-                    fallback=torch.tensor([False, False]),
-                    topk_ids=mb.to_response_layout(o.topk_ids),
-                    teacher_topk_logp=mb.to_response_layout((t.gathered_logp + noise).log_softmax(-1) + mass),
-                    teacher_entropy=mb.to_response_layout(t.entropy),
-                    teacher_logp=mb.to_response_layout(t.logp),
-                )
-            )
-        metrics = actor.train(mbs, inputs, weight_stats=None)
-        losses = [(m["loss/grpo"], m["loss/sdpo"]) for m in metrics["micro_batches"]]
+        step = StepBatch.build(
+            prompts,
+            responses,
+            rollout_logp=[torch.zeros(len(r)) for r in responses],
+            advantages=torch.tensor([1.0, -0.5, 1.0, -0.5]),
+            route_sdpo=sdpo,
+            has_teacher=sdpo,
+            fallback=torch.zeros(4, dtype=torch.bool),
+            teacher_prefixes=dict(enumerate(prompts)),  # the teacher reads the student's own prompts
+            topk=cfg.algorithm.topk,
+            pad_id=0,
+        )
+        compute_old_logp(actor, step)
+        compute_teacher_stats(actor, step)
+        # The teacher equals the student at the start: move its top-K mass about, so that the SDPO
+        # term has a gradient (same generator seed in every setting).
+        teacher = step.teacher_topk_logp
+        noise = torch.randn(teacher.shape, generator=torch.Generator().manual_seed(1))
+        teacher.copy_((teacher + noise).log_softmax(-1) + teacher.logsumexp(-1, keepdim=True))
+        step.rollout_logp.copy_(step.old_logp)
+        mbs = actor.micro_batches(step.student)  # 2 x [2, 13] (14 under sequence parallelism)
+        update = actor.train(mbs, [step.loss_batch(mb.span) for mb in mbs], weight_stats=None)
+        losses = [(m["loss/grpo"].total.item(), m["loss/sdpo"].total.item()) for m in update.metrics]
         out[name] = {"losses": losses, "grad": _gather_full(actor, lambda main: main.grad)}
     return out if dist.get_rank() == 0 else None

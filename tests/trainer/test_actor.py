@@ -106,7 +106,9 @@ def test_route_fractions_per_variant():
     expected = {"srpo": (0.25, 0.75, 1), "sdpo": (0.75, 0.0, 3), "grpo": (0.0, 1.0, 0)}
     for variant, (sdpo, grpo, teacher) in expected.items():
         routing = route_rollouts(rewards, group_ids, AlgorithmConfig(variant=variant))
-        metrics = rollout_metrics(batch, rewards, routing, variant)
+        parsed = torch.tensor([True, True, True, False])
+        metrics = rollout_metrics(batch, rewards, parsed, routing, variant)
         assert (metrics["sdpo_fraction"], metrics["grpo_fraction"]) == (sdpo, grpo), variant
+        assert metrics["format_rate"] == 0.75
         assert metrics["teacher_rollouts"] == teacher, variant
         assert metrics["stop_fraction"] == 0.75 and metrics["response_length_mean"] == 1.75

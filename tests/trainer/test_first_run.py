@@ -92,6 +92,14 @@ def test_first_run_is_quiet_and_starts_with_the_header(tiny_run_inputs, tmp_path
     assert re.search(r"evaluation, avg@2 on 3 prompts .* 6/6 ", out.stdout)  # the HF engine's samples
     assert "saving checkpoint step_000002" in out.stdout
     assert "exporting HF tensors" in out.stdout
+    # each step's line shows the branches' token shares; an evaluation's result follows its step's
+    # line, and the run's last lines repeat the final one after the reward's trend
+    assert re.search(r"^step 2/2 .*  grpo_tok [\d.e-]+  sdpo_tok [\d.e-]+  ", out.stdout, re.MULTILINE)
+    result = r"avg@2 \d\.\d{3}, format_rate \d\.\d{3}, best within 1h \d\.\d{3}, best within 5h"
+    assert re.search(rf"^eval after step 2: {result}", out.stdout, re.MULTILINE), out.stdout[-3000:]
+    (final,) = [i for i, line in enumerate(lines) if line.startswith("final eval: ")]
+    assert re.match(result, lines[final].removeprefix("final eval: "))
+    assert lines[final - 1].startswith("reward_mean: first 2 steps")
 
     wandb = json.loads((tmp_path / "wandb.json").read_text())
     assert wandb["project"] == "first-run"

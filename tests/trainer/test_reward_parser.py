@@ -33,8 +33,8 @@ def tool_prompt() -> TokenizedPrompt:
 def test_training_rewards_use_the_configured_parser(tokenizer, parser):
     response = tokenizer.encode(RESPONSE, add_special_tokens=False)
     batch = RolloutBatch([0], [[1, 2, 3]], [response], [torch.zeros(len(response))], ["stop"])
-    rewards = compute_rewards(batch, [tool_prompt()], tokenizer, parser)
-    assert rewards.tolist() == [EXPECTED[parser]]
+    rewards, parsed = compute_rewards(batch, [tool_prompt()], tokenizer, parser)
+    assert rewards.tolist() == [EXPECTED[parser]] and parsed.tolist() == [True]
 
 
 def test_evaluation_uses_the_configured_parser(tokenizer):

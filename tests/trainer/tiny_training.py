@@ -17,6 +17,7 @@ from srpo_megatron.data.synthetic import make_synthetic_rows
 from srpo_megatron.data.tokenizer import load_tokenizer
 from srpo_megatron.models.qwen3.tiny import TinyQwen3Config, build_tiny_qwen3
 from srpo_megatron.rewards.result import RewardResult
+from srpo_megatron.runtime.distributed import get_device
 
 
 def make_tiny_inputs(root):
@@ -31,12 +32,14 @@ def make_tiny_inputs(root):
 
 
 def parity_reward(source, *, tool_use_parser):
-    return lambda text, ground_truth: RewardResult(float(len(text) % 2 == 0), "test: parity of the length")
+    return lambda text, ground_truth: RewardResult(
+        float(len(text) % 2 == 0), "test: parity of the length", parsed=True
+    )
 
 
 def train_in_ranks(overrides: list[str], check_export: bool = False, poison_loss: bool = False):
     from srpo_megatron.trainer import actor, loop, rollouts
-    from srpo_megatron.trainer.batching import build_micro_batches
+    from srpo_megatron.trainer.step_batch import Sequences
 
     rollouts.get_reward_fn = parity_reward
     if poison_loss:  # every loss becomes NaN, and so every gradient
@@ -51,7 +54,7 @@ def train_in_ranks(overrides: list[str], check_export: bool = False, poison_loss
     result = loop.train(cfg)
     # the actor's log-probs of a few sequences (collective), for the HF export check below
     prompts, responses = [[1, 2, 3, 4], [5, 6]], [[7, 8, 9], [10, 11, 12, 13]]
-    micro_batches = build_micro_batches(prompts, responses, pad_id=0, token_budget=64)
+    micro_batches = result.actor.micro_batches(Sequences.build(prompts, responses, pad_id=0).to(get_device()))
     stats = result.actor.forward(micro_batches, teacher=False)  # None off the last pipeline stage
     actor_logp = torch.cat([s.logp for s in stats]) if stats is not None else None
     if torch.distributed.get_rank() != 0:

@@ -6,7 +6,7 @@
     loader.py      load_hf_weights: HF safetensors -> this rank's shard, slice by slice
     exporter.py    export_hf_tensors: shards -> (HF name, full tensor), for conversion and weight sync
     checkpoint.py  the Megatron checkpoint layout (srpo_meta.json + model/ torch_dist), save/load
-    convert.py     hf_to_mcore / mcore_to_hf (tools/convert_ckpt/ are their command lines)
+    convert.py     hf_to_mcore / mcore_to_hf (their command line: srpo-convert-ckpt)
     tiny.py        a tiny random HF Qwen3 (the CPU run's starting point before its warm-up, tests)
 
 Modules import megatron lazily, inside functions: importing this package does not start it.

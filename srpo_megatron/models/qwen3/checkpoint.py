@@ -119,9 +119,10 @@ def load_model(model: torch.nn.Module, ckpt_dir: str | Path) -> None:
     # dist_checkpointing and torch DCP raise many types (DCP's CheckpointException is a BaseException)
     except (Exception, CheckpointException) as e:
         raise ValueError(f"cannot load Megatron checkpoint {model_dir}: {type(e).__name__}: {e}") from e
-    # A training checkpoint saves the optimizer and the EMA teacher in the same torch_dist save
-    # (trainer/checkpoint.py); their non-tensor ("common") state comes back next to the model's.
-    state = {k: v for k, v in state.items() if k not in ("optimizer", "teacher")}
+    # A training checkpoint saves the optimizer, the EMA teacher and the LR schedule in the same
+    # torch_dist save (trainer/actor.py); their non-tensor ("common") state comes back next to the
+    # model's.
+    state = {k: v for k, v in state.items() if k not in ("optimizer", "teacher", "scheduler")}
     result = model.load_state_dict(state, strict=False)
     # Only TE's _extra_state entries may be absent from a checkpoint; a weight never.
     missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
