@@ -1,11 +1,11 @@
-"""srpo-convert-ckpt: HF Qwen3 <-> Megatron torch_dist checkpoints, any TP/PP, on CPU.
+"""srpo-convert-ckpt: HF Qwen3 / Qwen3-MoE <-> Megatron torch_dist checkpoints, any TP/PP/EP, on CPU.
 
-    srpo-convert-ckpt hf-to-mcore --hf-dir IN --out-dir OUT --tp N --pp M
+    srpo-convert-ckpt hf-to-mcore --hf-dir IN --out-dir OUT --tp N --pp M [--ep E]
     srpo-convert-ckpt mcore-to-hf --mcore-dir IN --out-dir OUT [--tokenizer-dir DIR]
 
 (or ``python -m srpo_megatron.convert_ckpt ...``; ``tools/convert_ckpt/{hf_to_mcore,mcore_to_hf}.py``
-take the same arguments after the command's name). hf-to-mcore spawns N*M gloo processes on this
-machine, each loading only its slices of the HF tensors, and writes OUT/model/ (torch_dist) and
+take the same arguments after the command's name). hf-to-mcore spawns N*M*E gloo processes on this
+machine, each loading only its slices of the HF tensors (and its experts), and writes OUT/model/ (torch_dist) and
 OUT/srpo_meta.json. mcore-to-hf reads such a directory (from hf-to-mcore or a training checkpoint)
 in one process and writes config.json, model-0000k-of-0000n.safetensors +
 model.safetensors.index.json, generation_config.json and, with --tokenizer-dir, the tokenizer
@@ -32,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     to_mcore.add_argument("--out-dir", required=True, help="checkpoint directory to create")
     to_mcore.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
     to_mcore.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
+    to_mcore.add_argument("--ep", type=int, default=1, help="expert-parallel size (Qwen3-MoE)")
     to_mcore.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
     to_mcore.add_argument(
         "--dtype", choices=["float32", "bfloat16", "float16"], help="parameter dtype (default: as stored)"
@@ -49,7 +50,10 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command == "hf-to-mcore":
-            written, what = _hf_to_mcore(args), f"Megatron checkpoint (TP={args.tp}, PP={args.pp})"
+            written, what = (
+                _hf_to_mcore(args),
+                f"Megatron checkpoint (TP={args.tp}, PP={args.pp}, EP={args.ep})",
+            )
         else:
             written, what = _mcore_to_hf(args), "HF checkpoint"
     except ValueError as err:  # the converters' errors name the file, tensor or number at fault
@@ -65,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _hf_to_mcore(args: argparse.Namespace) -> list:
-    os.environ.setdefault("OMP_NUM_THREADS", "1")  # the N*M ranks share this machine's cores
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # the N*M*E ranks share this machine's cores
     import torch
 
     from srpo_megatron.models.qwen3.convert import hf_to_mcore
@@ -75,6 +79,7 @@ def _hf_to_mcore(args: argparse.Namespace) -> list:
         args.out_dir,
         tp=args.tp,
         pp=args.pp,
+        ep=args.ep,
         make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
         params_dtype=getattr(torch, args.dtype) if args.dtype else None,
         progress=not args.no_progress,

@@ -23,6 +23,23 @@ def tiny_qwen3_config(**overrides):
     return Qwen3Config(**{**TINY_QWEN3, **overrides})
 
 
+# Qwen3-MoE: the same attention; 4 experts of 32 hidden units, top-2 renormalised (Qwen3-30B-A3B's
+# norm_topk_prob); intermediate_size is the MLP of the layers listed in mlp_only_layers.
+TINY_QWEN3_MOE = {
+    **TINY_QWEN3,
+    "num_experts": 4,
+    "num_experts_per_tok": 2,
+    "moe_intermediate_size": 32,
+    "norm_topk_prob": True,
+}
+
+
+def tiny_qwen3_moe_config(**overrides):
+    from transformers import Qwen3MoeConfig
+
+    return Qwen3MoeConfig(**{**TINY_QWEN3_MOE, **overrides})
+
+
 def mask_padded_vocab(logits: torch.Tensor, vocab_size: int, vocab_start: int = 0) -> torch.Tensor:
     """Logits with the padded entries (global token id >= ``vocab_size``) set to the dtype's minimum.
 

@@ -17,7 +17,9 @@ DESIGN.md "Megatron-core on CPU"):
   (``tensor_parallel.checkpoint``) runs the attention's forward again;
 - ``torch.cuda.{current_stream, default_stream, Stream, Event, stream}`` become stand-ins whose
   waits and records do nothing (CPU kernels run synchronously);
-- ``Tensor.type()`` (no argument) reports CUDA type names, which is what Megatron asserts on.
+- ``Tensor.type()`` (no argument) reports CUDA type names, which is what Megatron asserts on;
+- the MoE "alltoall" token dispatcher's device-to-host copy of its split sizes also converts CPU
+  tensors to numpy (``_cpu_move_tensor_to_cpu`` says why).
 
 ``apply_cpu_runtime()`` is idempotent and does nothing when CUDA is available, so every entry
 point may call it unconditionally.
@@ -145,6 +147,34 @@ def _patch_megatron_causal_mask() -> None:
     fused_softmax.get_default_causal_mask = _cpu_causal_mask  # imported there by name
 
 
+def _cpu_move_tensor_to_cpu(tensor, as_numpy: bool = False, record_stream: bool = False):
+    """``megatron.core.transformer.moe.moe_utils.maybe_move_tensor_to_cpu`` for tensors already on
+    the CPU.
+
+    The alltoall dispatcher computes its per-rank split sizes (``input_splits``, ``output_splits``)
+    as tensors and hands them to ``torch.distributed.all_to_all_single``, whose C++ binding takes a
+    sequence of ints, not a tensor. On a GPU the sizes become numpy arrays on the way: Megatron's
+    helper copies them to the host with ``as_numpy=True``, but only ``if tensor.is_cuda``. On the
+    CPU they are not CUDA tensors: left as they are, they reach the binding as tensors, which
+    raises "TypeError: all_to_all_single(): incompatible function arguments" (DESIGN.md, "MoE on
+    CPU"). Here a CPU tensor asked for as numpy becomes numpy, as on the GPU path; nothing is
+    recorded on a stream (there is none). Megatron's other uses of the helper (token counts, no
+    numpy) get their CPU tensors back unchanged, as before.
+    """
+    if torch.is_tensor(tensor) and as_numpy:
+        return tensor.numpy()
+    return tensor
+
+
+def _patch_megatron_moe_dtoh() -> None:
+    try:
+        from megatron.core.transformer.moe import moe_utils, token_dispatcher
+    except ImportError:
+        return
+    moe_utils.maybe_move_tensor_to_cpu = _cpu_move_tensor_to_cpu
+    token_dispatcher.maybe_move_tensor_to_cpu = _cpu_move_tensor_to_cpu  # imported there by name
+
+
 def apply_cpu_runtime() -> bool:
     """Make megatron-core run on CPU. Returns True if the shim is (now) active.
 
@@ -180,6 +210,7 @@ def apply_cpu_runtime() -> bool:
 
     _patch_megatron_rng()
     _patch_megatron_causal_mask()
+    _patch_megatron_moe_dtoh()
     # Entered for the life of the process, on purpose: every later torch call is covered.
     _CudaToCpuMode().__enter__()
 

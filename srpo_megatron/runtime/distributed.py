@@ -20,20 +20,35 @@ from srpo_megatron.runtime.cpu import apply_cpu_runtime
 
 @dataclass(frozen=True)
 class ParallelLayout:
-    """How the world is split. ``dp`` is derived: world_size / (tp * pp)."""
+    """How the world is split. ``dp`` is derived: world_size / (tp * pp).
+
+    ``ep`` (Megatron's ``expert_model_parallel_size``) splits the experts of each MoE layer over
+    ``ep`` ranks. It is carved out of data parallelism, not added to the world: the attention and
+    dense layers stay replicated over all ``dp`` ranks while each group of ``ep`` data-parallel
+    ranks shares one copy of the experts (``dp / ep`` copies in all), so ``ep`` must divide ``dp``.
+    The experts are tensor-parallel over the same ``tp`` ranks as the rest of the layer
+    (Megatron's default ``expert_tensor_parallel_size = tp``).
+    """
 
     tp: int = 1
     pp: int = 1
+    ep: int = 1
 
     def data_parallel_size(self, world_size: int) -> int:
-        if self.tp < 1 or self.pp < 1:
-            raise ValueError(f"tp and pp must be >= 1, got tp={self.tp} pp={self.pp}")
+        if self.tp < 1 or self.pp < 1 or self.ep < 1:
+            raise ValueError(f"tp, pp and ep must be >= 1, got tp={self.tp} pp={self.pp} ep={self.ep}")
         model_parallel = self.tp * self.pp
         if world_size % model_parallel:
             raise ValueError(
                 f"world size {world_size} is not divisible by tp*pp = {self.tp}*{self.pp} = {model_parallel}"
             )
-        return world_size // model_parallel
+        dp = world_size // model_parallel
+        if dp % self.ep:
+            raise ValueError(
+                f"expert parallel size {self.ep} does not divide the data parallel size {dp} "
+                f"(world size {world_size} / (tp*pp = {model_parallel})): EP splits the data-parallel ranks"
+            )
+        return dp
 
 
 def get_device() -> torch.device:
@@ -106,6 +121,7 @@ def init_distributed(
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=layout.tp,
         pipeline_model_parallel_size=layout.pp,
+        expert_model_parallel_size=layout.ep,
         distributed_timeout_minutes=timeout_minutes,
     )
     model_parallel_cuda_manual_seed(seed)

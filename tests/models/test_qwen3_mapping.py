@@ -72,8 +72,8 @@ def test_both_specs_map_to_every_hf_tensor_once(layer_names):
 
 
 def test_unknown_parameter_is_named():
-    stage = _FakeStage([*LOCAL_LAYER, "mlp.router.weight"], [1], True, True)
-    with pytest.raises(ValueError, match="decoder.layers.0.mlp.router.weight"):
+    stage = _FakeStage([*LOCAL_LAYER, "mlp.shared_experts.linear_fc1.weight"], [1], True, True)
+    with pytest.raises(ValueError, match="decoder.layers.0.mlp.shared_experts.linear_fc1.weight"):
         map_params(stage)
 
 

@@ -35,3 +35,29 @@ def test_not_applied_in_a_plain_process():
     import srpo_megatron.runtime  # noqa: F401
 
     assert torch.zeros(1).type() == "torch.FloatTensor"
+
+
+def _alltoall_with_dispatcher_split_sizes():
+    """What the MoE "alltoall" dispatcher does with its split sizes: to the host (numpy), then
+    ``all_to_all_single`` with uneven splits. Without the shim's copy the sizes stay tensors,
+    which the collective's binding refuses with a TypeError."""
+    import torch.distributed as dist
+    from megatron.core.tensor_parallel.mappings import all_to_all
+    from megatron.core.transformer.moe import token_dispatcher
+
+    rank = dist.get_rank()
+    sends = torch.tensor([[1, 2], [3, 1]])  # [from rank, to rank]: rows sent
+    input_splits = token_dispatcher.maybe_move_tensor_to_cpu(sends[rank], as_numpy=True)
+    output_splits = token_dispatcher.maybe_move_tensor_to_cpu(sends[:, rank], as_numpy=True)
+    tokens = torch.full((int(input_splits.sum()), 3), float(rank))  # [rows sent, H]
+    received = all_to_all(dist.group.WORLD, tokens, output_splits.tolist(), input_splits.tolist())
+    raw = all_to_all(dist.group.WORLD, tokens, output_splits, input_splits)  # numpy, as Megatron passes them
+    return type(input_splits).__name__, received[:, 0].tolist(), torch.equal(raw, received)
+
+
+def test_alltoall_split_sizes_reach_the_collective_as_numpy():
+    results = run_distributed(
+        _alltoall_with_dispatcher_split_sizes, world_size=2, megatron=False, timeout=120
+    )
+    # rank 0 gets 1 row from itself and 3 from rank 1; rank 1 gets 2 from rank 0 and 1 from itself
+    assert results == [("ndarray", [0.0, 1.0, 1.0, 1.0], True), ("ndarray", [0.0, 0.0, 1.0], True)]

@@ -5,11 +5,12 @@ of its checkpoint directories, next to its optimizer/RNG state)::
 
     <ckpt_dir>/
       srpo_meta.json   {"format", "hf_config" (config.json dict), "generation_config" | null,
-                        "source", "tp", "pp", "make_vocab_size_divisible_by", "padded_vocab_size",
-                        "params_dtype"}
+                        "source", "tp", "pp", "ep", "make_vocab_size_divisible_by",
+                        "padded_vocab_size", "params_dtype"}
       model/           Megatron dist_checkpointing (torch_dist) of model.sharded_state_dict()
 
-``model/`` is resharded on load by dist_checkpointing, so it loads at any TP/PP. The one number
+``model/`` is resharded on load by dist_checkpointing, so it loads at any TP/PP (and EP: the
+experts are stored one by one under their global indices). The one number
 that depends on the saving layout is the padded vocabulary (``padded_vocab_size`` rows of the
 embedding / output layer): ``load_divisor`` gives the ``make_vocab_size_divisible_by`` that
 reproduces it at another TP size where possible.
@@ -34,6 +35,7 @@ def write_meta(
     tp: int,
     pp: int,
     make_vocab_size_divisible_by: int,
+    ep: int = 1,
     padded_vocab_size: int,
     params_dtype: torch.dtype,
     source: str,
@@ -47,6 +49,7 @@ def write_meta(
         "source": source,
         "tp": tp,
         "pp": pp,
+        "ep": ep,
         "make_vocab_size_divisible_by": make_vocab_size_divisible_by,
         "padded_vocab_size": padded_vocab_size,
         "params_dtype": str(params_dtype).removeprefix("torch."),

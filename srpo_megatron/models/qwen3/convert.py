@@ -1,14 +1,15 @@
 """HF directory <-> Megatron torch_dist checkpoint, on CPU without torchrun (tools/convert_ckpt/).
 
-- ``hf_to_mcore``: validates the HF directory in this process, then spawns ``tp * pp`` gloo ranks
-  (``runtime.launch.run_distributed``); each builds its model stage, loads only its slices of the
-  HF tensors and takes part in one ``dist_checkpointing.save``. ``srpo_meta.json`` is written last,
-  so a checkpoint without it is an interrupted one. Memory: each rank holds its model shard plus
-  one tensor.
-- ``mcore_to_hf``: runs in this process as a world of one (TP=1, PP=1): builds the whole model,
-  loads any-TP/PP ``model/`` through dist_checkpointing (which reshards) and streams the exporter
-  into size-bounded safetensors shards. Memory: the model in its stored dtype plus one shard
-  (Qwen3-8B in bf16: about 16 GB + ``max_shard_bytes``).
+- ``hf_to_mcore``: validates the HF directory in this process, then spawns ``tp * pp * ep`` gloo
+  ranks (``runtime.launch.run_distributed``; EP splits data parallelism, so ``dp = ep``); each
+  builds its model stage, loads only its slices of the HF tensors (its experts only) and takes
+  part in one ``dist_checkpointing.save``, which writes each expert once and each replicated
+  tensor from data-parallel rank 0. ``srpo_meta.json`` is written last, so a checkpoint without it
+  is an interrupted one. Memory: each rank holds its model shard plus one tensor.
+- ``mcore_to_hf``: runs in this process as a world of one (TP=1, PP=1, EP=1): builds the whole
+  model, loads any-TP/PP/EP ``model/`` through dist_checkpointing (which reshards, experts
+  included) and streams the exporter into size-bounded safetensors shards. Memory: the model in
+  its stored dtype plus one shard (Qwen3-8B in bf16: about 16 GB + ``max_shard_bytes``).
 
 Callers that must not see a GPU hide it before torch starts (the CLIs set CUDA_VISIBLE_DEVICES="").
 """
@@ -52,12 +53,14 @@ def hf_to_mcore(
     *,
     tp: int = 1,
     pp: int = 1,
+    ep: int = 1,
     make_vocab_size_divisible_by: int = DEFAULT_VOCAB_DIVISOR,
     params_dtype: torch.dtype | None = None,
     progress: bool = True,
     timeout: float = 24 * 3600,
 ) -> list[Path]:
-    """Write ``out_dir/{srpo_meta.json, model/}`` from the HF directory, sharded ``tp`` x ``pp``.
+    """Write ``out_dir/{srpo_meta.json, model/}`` from the HF directory, sharded ``tp`` x ``pp``
+    (x ``ep``: the experts of a MoE model).
 
     params_dtype: default the dtype the HF tensors are stored in (so the round trip is bitwise).
     Returns the files written.
@@ -65,7 +68,7 @@ def hf_to_mcore(
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     hf_config = load_hf_config(hf_dir)
     arch = Qwen3Arch.from_hf(hf_config)
-    arch.check_layout(tp, pp)
+    arch.check_layout(tp, pp, ep)
     reader = SafetensorsReader(hf_dir)
     check_hf_tensors(reader, arch)  # fail here, with a clean message, rather than in tp*pp children
     params_dtype = params_dtype or reader.dtype(EMBED)
@@ -75,8 +78,8 @@ def hf_to_mcore(
 
     run_distributed(
         _hf_to_mcore_rank,
-        world_size=tp * pp,
-        layout=ParallelLayout(tp=tp, pp=pp),
+        world_size=tp * pp * ep,
+        layout=ParallelLayout(tp=tp, pp=pp, ep=ep),
         args=(str(hf_dir), str(out_dir), hf_config, params_dtype, make_vocab_size_divisible_by, progress),
         timeout=timeout,
     )
@@ -86,6 +89,7 @@ def hf_to_mcore(
         hf_config=hf_config,
         tp=tp,
         pp=pp,
+        ep=ep,
         make_vocab_size_divisible_by=make_vocab_size_divisible_by,
         padded_vocab_size=padded_vocab_size(arch.vocab_size, tp, make_vocab_size_divisible_by),
         params_dtype=params_dtype,
@@ -157,7 +161,7 @@ def mcore_to_hf(
     assert exported == expected.keys(), f"exporter gave {sorted(exported ^ expected.keys())} wrongly"
 
     config = dict(hf_config)
-    config["architectures"] = ["Qwen3ForCausalLM"]
+    config["architectures"] = [arch.hf_architecture]
     dtype_name = str(dtype).removeprefix("torch.")
     for key in [k for k in ("dtype", "torch_dtype") if k in config] or ["dtype"]:
         config[key] = dtype_name

@@ -1,7 +1,7 @@
 """Load an HF Qwen3 safetensors checkpoint into this rank's Megatron model shard.
 
-Every rank reads only the rows/columns of its own TP shard and PP stage, one parameter at a time
-(host memory: about one tensor, not the model). Before any weight is touched, the checkpoint's
+Every rank reads only the rows/columns of its own TP shard and PP stage, and of a MoE model only
+its own experts (EP), one parameter at a time (host memory: about one tensor, not the model). Before any weight is touched, the checkpoint's
 tensor names and shapes are checked against the config: a missing, unexpected or misshapen tensor
 is a ValueError naming it, never a partial load.
 
@@ -62,14 +62,24 @@ def load_hf_weights(
     arch = Qwen3Arch.from_hf(hf_config if hf_config is not None else load_hf_config(hf_dir))
     reader = SafetensorsReader(hf_dir)
     check_hf_tensors(reader, arch)
-    tp = parallel_state.get_tensor_model_parallel_world_size()
-    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    # (rank, size) in the tensor-parallel group of the non-expert and of the expert parameters
+    tp_of = {
+        False: (
+            parallel_state.get_tensor_model_parallel_rank(),
+            parallel_state.get_tensor_model_parallel_world_size(),
+        ),
+        True: (
+            parallel_state.get_expert_tensor_parallel_rank(),
+            parallel_state.get_expert_tensor_parallel_world_size(),
+        ),
+    }
     params = dict(model.named_parameters())
     maps = map_params(model)
     padded_vocab = model.vocab_size  # GPTModel's vocab_size is the padded one
     with torch.no_grad():
         for pm in maps:
             param = params[pm.mcore_name]
+            tp_rank, tp = tp_of[pm.expert is not None]
             shard = read_shard(pm, reader.read, arch, tp_rank, tp, padded_vocab)
             if shard.shape != param.shape:
                 raise ValueError(

@@ -16,6 +16,17 @@ decoder.layers.i.
 decoder.final_layernorm.weight                  model.norm.weight                  replicated
 output_layer.weight [Vp/tp, H]                  lm_head.weight (tied: model.embed_tokens.weight)
 
+Qwen3-MoE, the sparse layers' MLP (the dense ones are as above); EP rank q of ep holds the experts
+e = q*E/ep + j, j = 0..E/ep-1 (Megatron's ``local_expert_indices``), tensor-parallel like the MLP:
+decoder.layers.i.
+  mlp.router.weight [E, H]                      mlp.gate.weight [E, H]             replicated
+  mlp.experts.local_experts.j.linear_fc1.weight (SequentialMLP) |
+  mlp.experts.linear_fc1.weight<j> (TEGroupedMLP)
+                    [2F/tp, H]                  mlp.experts.e.{gate,up}_proj.weight [F, H]   [gate_r; up_r]
+  mlp.experts.local_experts.j.linear_fc2.weight |
+  mlp.experts.linear_fc2.weight<j>              mlp.experts.e.down_proj.weight     columns (row-parallel)
+(F: moe_intermediate_size.)
+
 QKV: Megatron's ``linear_qkv`` rows are grouped by KV head (query group) g = 0..G-1, each group
 ``[q heads g*Q/G .. (g+1)*Q/G - 1 ; k_g ; v_g]`` of ``head_dim`` rows per head; TP rank r holds the
 contiguous groups ``r*G/tp .. (r+1)*G/tp - 1``. ``i`` is the GLOBAL layer index (``layer_number -
@@ -23,6 +34,7 @@ contiguous groups ``r*G/tp .. (r+1)*G/tp - 1``. ``i`` is the GLOBAL layer index 
 """
 
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -47,7 +59,13 @@ _LAYER_PARAMS: dict[str, tuple[str, tuple[str, ...]]] = {
     "mlp.linear_fc1.layer_norm_weight": (REPLICATED, ("post_attention_layernorm.weight",)),
     "mlp.linear_fc1.weight": (GATE_UP, ("mlp.gate_proj.weight", "mlp.up_proj.weight")),
     "mlp.linear_fc2.weight": (ROW, ("mlp.down_proj.weight",)),
+    "mlp.router.weight": (REPLICATED, ("mlp.gate.weight",)),
 }
+# An expert's linear_fc1 / linear_fc2: SequentialMLP's names, then TEGroupedMLP's; (local index, 1|2)
+_EXPERT_PARAM = (
+    re.compile(r"mlp\.experts\.local_experts\.(?P<j>\d+)\.linear_fc(?P<fc>[12])\.weight"),
+    re.compile(r"mlp\.experts\.linear_fc(?P<fc>[12])\.weight(?P<j>\d+)"),
+)
 EMBED, LM_HEAD = "model.embed_tokens.weight", "lm_head.weight"
 
 
@@ -61,11 +79,27 @@ class ParamMap:
     # output_layer.weight on the last PP stage when embeddings are tied: a copy of the embedding
     # that is loaded but never exported (HF ties lm_head to embed_tokens itself).
     tied_copy: bool = False
+    layer: int | None = None  # global layer index (decoder parameters)
+    expert: int | None = None  # global expert index (an expert's linear_fc1 / linear_fc2)
+
+
+def expert_param_map(mcore_name: str, layer: int, expert: int, fc: int) -> ParamMap:
+    """The ``ParamMap`` of global expert ``expert``'s linear_fc``fc`` in layer ``layer``."""
+    prefix = f"model.layers.{layer}.mlp.experts.{expert}."
+    if fc == 1:
+        return ParamMap(
+            mcore_name,
+            GATE_UP,
+            (prefix + "gate_proj.weight", prefix + "up_proj.weight"),
+            layer=layer,
+            expert=expert,
+        )
+    return ParamMap(mcore_name, ROW, (prefix + "down_proj.weight",), layer=layer, expert=expert)
 
 
 def hf_tensor_shapes(arch: Qwen3Arch) -> dict[str, tuple[int, ...]]:
     """Every tensor of the HF checkpoint, in HF order, with its shape."""
-    h, d, f = arch.hidden_size, arch.head_dim, arch.intermediate_size
+    h, d, f, fe = arch.hidden_size, arch.head_dim, arch.intermediate_size, arch.moe_intermediate_size
     shapes = {EMBED: (arch.vocab_size, h)}
     for i in range(arch.num_layers):
         p = f"model.layers.{i}."
@@ -78,14 +112,49 @@ def hf_tensor_shapes(arch: Qwen3Arch) -> dict[str, tuple[int, ...]]:
             p + "self_attn.q_norm.weight": (d,),
             p + "self_attn.k_norm.weight": (d,),
             p + "post_attention_layernorm.weight": (h,),
-            p + "mlp.gate_proj.weight": (f, h),
-            p + "mlp.up_proj.weight": (f, h),
-            p + "mlp.down_proj.weight": (h, f),
         }
+        if i in arch.moe_layers:
+            shapes[p + "mlp.gate.weight"] = (arch.num_experts, h)
+            for e in range(arch.num_experts):
+                shapes |= {
+                    f"{p}mlp.experts.{e}.gate_proj.weight": (fe, h),
+                    f"{p}mlp.experts.{e}.up_proj.weight": (fe, h),
+                    f"{p}mlp.experts.{e}.down_proj.weight": (h, fe),
+                }
+        else:
+            shapes |= {
+                p + "mlp.gate_proj.weight": (f, h),
+                p + "mlp.up_proj.weight": (f, h),
+                p + "mlp.down_proj.weight": (h, f),
+            }
     shapes["model.norm.weight"] = (h,)
     if not arch.tie_word_embeddings:
         shapes[LM_HEAD] = (arch.vocab_size, h)
     return shapes
+
+
+def hf_checkpoint_views(hf_model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters of a transformers ``Qwen3ForCausalLM`` / ``Qwen3MoeForCausalLM`` under their
+    checkpoint names (the exporter's, SGLang's), as views: copying into a view updates the model.
+
+    transformers 5 holds a MoE layer's experts fused, ``mlp.experts.gate_up_proj`` [E, 2F, H]
+    (``[gate_e; up_e]`` per expert) and ``mlp.experts.down_proj`` [E, H, F], and converts them
+    from and to the per-expert ``mlp.experts.{e}.{gate,up,down}_proj.weight`` of checkpoints when
+    it loads and saves. Every other parameter is its own view, under its own name.
+    """
+    views = {}
+    for name, param in hf_model.named_parameters():
+        prefix, _, leaf = name.rpartition(".experts.")
+        if leaf == "gate_up_proj":
+            ffn = param.shape[1] // 2
+            for e, gate_up in enumerate(param):  # [2F, H]
+                views[f"{prefix}.experts.{e}.gate_proj.weight"] = gate_up[:ffn]
+                views[f"{prefix}.experts.{e}.up_proj.weight"] = gate_up[ffn:]
+        elif leaf == "down_proj":
+            views |= {f"{prefix}.experts.{e}.down_proj.weight": down for e, down in enumerate(param)}
+        else:
+            views[name] = param
+    return views
 
 
 def count_megatron_params(arch: Qwen3Arch, padded_vocab: int) -> int:
@@ -100,11 +169,9 @@ def map_params(model: torch.nn.Module) -> list[ParamMap]:
     """The ``ParamMap`` of every parameter of this rank's model, in Megatron (= HF) order.
 
     ``model`` is the bare GPTModel of this PP stage (unwrap DDP / Float16Module first). Raises
-    ValueError for a parameter we do not know how to map.
+    ValueError for a parameter we do not know how to map. Experts: this rank's only, under their
+    global indices.
     """
-    layer_index = {  # local position in decoder.layers -> global layer index
-        str(pos): layer.layer_number - 1 for pos, layer in enumerate(model.decoder.layers)
-    }
     tied = getattr(model, "share_embeddings_and_output_weights", False)
     maps = []
     for name, _ in model.named_parameters():
@@ -116,11 +183,18 @@ def map_params(model: torch.nn.Module) -> list[ParamMap]:
             maps.append(ParamMap(name, REPLICATED, ("model.norm.weight",)))
         elif name.startswith("decoder.layers."):
             _, _, pos, suffix = name.split(".", 3)
+            layer = model.decoder.layers[int(pos)]
+            index = layer.layer_number - 1  # the global layer index
+            expert = next((m for m in (r.fullmatch(suffix) for r in _EXPERT_PARAM) if m), None)
+            if expert is not None:
+                global_expert = layer.mlp.local_expert_indices[int(expert["j"])]
+                maps.append(expert_param_map(name, index, global_expert, int(expert["fc"])))
+                continue
             if suffix not in _LAYER_PARAMS:
                 raise ValueError(f"Megatron parameter {name!r} has no HF counterpart in the Qwen3 mapping")
             kind, hf_suffixes = _LAYER_PARAMS[suffix]
-            prefix = f"model.layers.{layer_index[pos]}."
-            maps.append(ParamMap(name, kind, tuple(prefix + s for s in hf_suffixes)))
+            prefix = f"model.layers.{index}."
+            maps.append(ParamMap(name, kind, tuple(prefix + s for s in hf_suffixes), layer=index))
         else:
             raise ValueError(f"Megatron parameter {name!r} has no HF counterpart in the Qwen3 mapping")
     return maps
@@ -134,7 +208,8 @@ _ALL = slice(None)
 def read_shard(
     pm: ParamMap, read: ReadSlice, arch: Qwen3Arch, tp_rank: int, tp: int, padded_vocab: int
 ) -> torch.Tensor:
-    """This TP rank's shard of Megatron parameter ``pm``, reading only the HF slices it needs."""
+    """This TP rank's shard of Megatron parameter ``pm``, reading only the HF slices it needs
+    (an expert's: ``tp_rank`` / ``tp`` of the expert tensor-parallel group)."""
     if pm.kind == REPLICATED:
         return read(pm.hf_names[0], _ALL, _ALL)
     if pm.kind == VOCAB:
@@ -143,12 +218,13 @@ def read_shard(
         real = read(pm.hf_names[0], slice(start, max(start, stop)), _ALL)  # [<=Vp/tp, H]
         pad = real.new_zeros(rows - real.shape[0], real.shape[1])
         return torch.cat([real, pad]) if pad.numel() else real
+    ffn = arch.moe_intermediate_size if pm.expert is not None else arch.intermediate_size
     if pm.kind == ROW:
         hf_name = pm.hf_names[0]
-        cols = (arch.num_heads * arch.head_dim if "o_proj" in hf_name else arch.intermediate_size) // tp
+        cols = (arch.num_heads * arch.head_dim if "o_proj" in hf_name else ffn) // tp
         return read(hf_name, _ALL, slice(tp_rank * cols, (tp_rank + 1) * cols))
     if pm.kind == GATE_UP:
-        rows = arch.intermediate_size // tp
+        rows = ffn // tp
         part = slice(tp_rank * rows, (tp_rank + 1) * rows)
         return torch.cat([read(pm.hf_names[0], part, _ALL), read(pm.hf_names[1], part, _ALL)])
     if pm.kind == QKV:

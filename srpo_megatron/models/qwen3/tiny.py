@@ -1,5 +1,6 @@
 """A tiny random Qwen3 in HF form: the starting point of the CPU run (``format_warmup.py`` then
-teaches it the answer format) and the model of the tests."""
+teaches it the answer format) and the model of the tests; and its mixture-of-experts sibling,
+a tiny Qwen3-MoE (the same attention, 8 experts of which each token takes 2)."""
 
 from dataclasses import dataclass
 
@@ -21,14 +22,32 @@ class TinyQwen3Config:
     rope_theta: float = 1_000_000.0
 
 
+@dataclass
+class TinyQwen3MoeConfig(TinyQwen3Config):
+    """Shape of the tiny Qwen3-MoE: every layer sparse (as Qwen3-30B-A3B), 8 experts of 64 hidden
+    units, top-2 renormalised (``norm_topk_prob``, as Qwen3-30B-A3B). 8 experts split evenly over
+    EP = 1, 2, 4 or 8."""
+
+    num_experts: int = 8
+    num_experts_per_tok: int = 2
+    moe_intermediate_size: int = 64
+    norm_topk_prob: bool = True
+    decoder_sparse_step: int = 1
+
+
 def build_tiny_qwen3(tokenizer, seed: int, config: TinyQwen3Config | None = None):
-    """A randomly initialised fp32 HF Qwen3ForCausalLM with tied embeddings (same seed -> same weights)."""
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+    """A randomly initialised fp32 HF Qwen3ForCausalLM with tied embeddings (same seed -> same
+    weights); a Qwen3MoeForCausalLM when ``config`` is a ``TinyQwen3MoeConfig``."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
     config = config or TinyQwen3Config()
     if config.vocab_size < len(tokenizer):
         raise ValueError(f"vocab_size {config.vocab_size} < {len(tokenizer)} tokenizer tokens")
-    hf_config = Qwen3Config(
+    is_moe = isinstance(config, TinyQwen3MoeConfig)
+    config_class, model_class = (
+        (Qwen3MoeConfig, Qwen3MoeForCausalLM) if is_moe else (Qwen3Config, Qwen3ForCausalLM)
+    )
+    hf_config = config_class(
         **vars(config),
         tie_word_embeddings=True,
         bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
@@ -36,4 +55,4 @@ def build_tiny_qwen3(tokenizer, seed: int, config: TinyQwen3Config | None = None
         pad_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
     )
     torch.manual_seed(seed)
-    return Qwen3ForCausalLM(hf_config).float()
+    return model_class(hf_config).float()
