@@ -33,6 +33,16 @@ class ModelConfig:
     """Tensor-parallel size of the actor (and of the EMA teacher, sharded the same way)."""
     pp: int = 1
     """Pipeline-parallel size."""
+    ep: int = 1
+    """Expert-parallel size (MoE models): the experts of each MoE layer are split over ``ep`` ranks
+    taken out of data parallelism (``ep`` must divide the data-parallel size); the attention and
+    dense layers stay replicated over data parallel."""
+    moe_aux_loss_coeff: float = 0.0
+    """MoE router's load-balancing loss coefficient (Megatron's ``moe_aux_loss_coeff``). 0, as slime
+    and verl run Qwen3-MoE RL: the pretrained router is balanced already, and the loss would pull the
+    policy towards balance rather than reward."""
+    moe_z_loss_coeff: float = 0.0
+    """MoE router's z-loss coefficient (logit size; 0: off, as slime and verl)."""
     dtype: Literal["float32", "bfloat16"] = "bfloat16"
     """Parameter / compute dtype. The tiny CPU run uses float32."""
     make_vocab_size_divisible_by: int = 128
@@ -411,6 +421,11 @@ def validate_layout(cfg: Config, world_size: int, local_world_size: int | None =
             f"does not divide the world size {world_size} (processes launched by torchrun)"
         )
     dp = world_size // model_parallel
+    if cfg.model.ep < 1 or dp % cfg.model.ep:
+        raise UserError(
+            f"config: model.ep={cfg.model.ep} must divide the data-parallel size {dp} (world {world_size} "
+            f"/ tp*pp {model_parallel}): expert parallelism splits the data-parallel ranks"
+        )
     if cfg.train.mini_batch_prompts % dp:
         raise UserError(
             f"config: train.mini_batch_prompts ({cfg.train.mini_batch_prompts}) must be divisible by "

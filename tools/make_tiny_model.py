@@ -1,6 +1,7 @@
 """Make the tiny starting checkpoint of the CPU run: a random tiny Qwen3 + the format warm-up.
 
     python tools/make_tiny_model.py --out-dir outputs/tiny_qwen3 --seed 0
+    python tools/make_tiny_model.py --out-dir outputs/tiny_qwen3_moe --seed 0 --moe   # Qwen3-MoE
 
 Saves an HF folder (config, safetensors weights, the Qwen3 tokenizer files) plus warmup.json with
 the warm-up losses, time and the format/accuracy figures of temperature-1 and greedy sampling on
@@ -14,7 +15,7 @@ from pathlib import Path
 
 from srpo_megatron.data.tokenizer import load_tokenizer
 from srpo_megatron.format_warmup import WarmupConfig, evaluate_format, format_warmup
-from srpo_megatron.models.qwen3.tiny import build_tiny_qwen3
+from srpo_megatron.models.qwen3.tiny import TinyQwen3MoeConfig, build_tiny_qwen3
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -28,10 +29,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--teacher-fraction", type=float, default=defaults.teacher_fraction)
     parser.add_argument("--eval-prompts", type=int, default=128, help="0 skips the evaluation")
     parser.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the offline Qwen3 one)")
+    parser.add_argument("--moe", action="store_true", help="a tiny Qwen3-MoE (8 experts, top-2) instead")
     args = parser.parse_args(argv)
 
     tokenizer = load_tokenizer(args.tokenizer)
-    model = build_tiny_qwen3(tokenizer, args.seed)
+    model = build_tiny_qwen3(tokenizer, args.seed, TinyQwen3MoeConfig() if args.moe else None)
     config = WarmupConfig(
         steps=args.steps,
         batch_size=args.batch_size,
@@ -40,7 +42,8 @@ def main(argv: list[str] | None = None) -> dict:
         teacher_fraction=args.teacher_fraction,
     )
     print(
-        f"making {args.out_dir} (once): a random tiny Qwen3, then a format warm-up of {config.steps} steps "
+        f"making {args.out_dir} (once): a random tiny Qwen3{'-MoE' if args.moe else ''}, then a format "
+        f"warm-up of {config.steps} steps "
         f"x {config.batch_size} (about 150 s on 2 cores)",
         flush=True,
     )

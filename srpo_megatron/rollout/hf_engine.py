@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
+from srpo_megatron.models.qwen3.mapping import hf_checkpoint_views
 from srpo_megatron.rollout.engine import FinishReason, RolloutBatch, SamplingParams
 
 _BLOCK = 1024  # vocabulary entries per block of the two-level inverse CDF
@@ -115,7 +116,9 @@ class HFEngine:
         self.num_threads = num_threads
         self.pad_token_id = pad_token_id
         self.max_batch_size = max_batch_size
-        self.params = dict(model.named_parameters())  # tied weights appear once, under the input name
+        # by checkpoint name (tied weights once, under the input name; a MoE model's fused experts
+        # as per-expert views): the names weight syncs send
+        self.params = hf_checkpoint_views(model)
 
     @property
     def device(self) -> torch.device:

@@ -34,10 +34,11 @@ from pathlib import Path
 import torch
 
 from srpo_megatron.algorithms import AlgorithmConfig, LossBatch, compute_srpo_loss, count_denominator_tokens
-from srpo_megatron.algorithms.stats import Metric
+from srpo_megatron.algorithms.stats import Mean, Metric
 from srpo_megatron.config import Config, ModelConfig
 from srpo_megatron.errors import UserError
 from srpo_megatron.models.qwen3.checkpoint import write_meta
+from srpo_megatron.models.qwen3.config import Qwen3Arch
 from srpo_megatron.models.qwen3.loader import load_hf_weights
 from srpo_megatron.models.qwen3.provider import build_qwen3_model
 from srpo_megatron.ops.token_stats import TokenStats, vocab_parallel_token_stats
@@ -65,6 +66,15 @@ def megatron_memory_settings(model: ModelConfig) -> dict:
     )
 
 
+def moe_settings(model: ModelConfig) -> dict:
+    """``TransformerConfig`` fields of the MoE router's losses (``model.moe_*``; 0: off)."""
+    return dict(
+        moe_aux_loss_coeff=model.moe_aux_loss_coeff,
+        moe_router_load_balancing_type="aux_loss" if model.moe_aux_loss_coeff else "none",
+        moe_z_loss_coeff=model.moe_z_loss_coeff or None,
+    )
+
+
 class MegatronActor:
     def __init__(self, cfg: Config, hf_config: dict, *, optimizer_steps: int) -> None:
         from megatron.core.distributed import (
@@ -87,6 +97,7 @@ class MegatronActor:
             calculate_per_token_loss=True,
             bf16=dtype == torch.bfloat16,
             **megatron_memory_settings(cfg.model),
+            **(moe_settings(cfg.model) if Qwen3Arch.from_hf(hf_config).is_moe else {}),
         )
         student = build()
         load_hf_weights(student, cfg.model.hf_dir, hf_config)
@@ -188,6 +199,7 @@ class MegatronActor:
             hf_config=hf_config,
             tp=self.cfg.model.tp,
             pp=self.cfg.model.pp,
+            ep=self.cfg.model.ep,
             make_vocab_size_divisible_by=self.cfg.model.make_vocab_size_divisible_by,
             padded_vocab_size=self.student.vocab_size,
             params_dtype=self.student.config.params_dtype,
@@ -356,6 +368,8 @@ class MegatronActor:
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
         self._run(self.model, micro_batches, stats_args, loss_func, forward_only=False)
+        if metrics:  # the last pipeline stage: the router losses of its MoE layers, if any are on
+            metrics.append(_router_losses(len(micro_batches)))
         # Megatron's fp32 / bf16 optimizers step whatever the gradients hold (only fp16 loss scaling
         # skips on overflow): a non-finite global gradient norm skips this update here, and is counted.
         self.optimizer.prepare_grads()
@@ -397,6 +411,22 @@ def _load_module(module: torch.nn.Module, state: dict, prefix: str) -> None:
         raise UserError(
             f"checkpoint does not match the model: missing {missing}, unexpected {result.unexpected_keys}"
         )
+
+
+def _router_losses(num_micro_batches: int) -> dict[str, Metric]:
+    """The MoE router's auxiliary losses of the pass just run (``model.moe_aux_loss_coeff``,
+    ``model.moe_z_loss_coeff``), as Megatron's routers recorded them, per layer summed over the
+    micro-batches: ``moe/<name>``, the mean over this stage's MoE layers and the micro-batches. The
+    record is cleared for the next pass. Empty for a dense model or with both losses off."""
+    from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+
+    tracker = get_moe_metrics_tracker()
+    out = {}
+    for name, entry in tracker.metrics.items():
+        layers = (entry.values != 0).sum()  # the layers of this stage that recorded it
+        out[f"moe/{name}"] = Mean(entry.values.sum(), layers * num_micro_batches)
+    tracker.clear()
+    return out
 
 
 def _create_adam_state(optimizer) -> None:

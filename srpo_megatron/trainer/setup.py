@@ -40,12 +40,16 @@ def load_model_config(cfg: Config) -> dict:
     except ValueError as err:
         raise UserError(f"config: model.hf_dir={cfg.model.hf_dir}: {err}") from None
     try:
-        arch.check_layout(cfg.model.tp, cfg.model.pp)
+        arch.check_layout(cfg.model.tp, cfg.model.pp, cfg.model.ep)
     except ValueError as err:
+        layout = f"model.tp={cfg.model.tp} / model.pp={cfg.model.pp}"
+        layout += f" / model.ep={cfg.model.ep}" if cfg.model.ep > 1 else ""
+        raise UserError(f"config: {layout} do not fit model.hf_dir={cfg.model.hf_dir}: {err}") from None
+    if arch.is_moe and cfg.model.tp > 1 and not cfg.model.sequence_parallel:
         raise UserError(
-            f"config: model.tp={cfg.model.tp} / model.pp={cfg.model.pp} do not fit model.hf_dir="
-            f"{cfg.model.hf_dir}: {err}"
-        ) from None
+            "config: a mixture-of-experts model at model.tp > 1 needs model.sequence_parallel=true "
+            "(Megatron's MoE layer trains only so)"
+        )
     check_recompute_layers(cfg.model, arch.num_layers)
     return hf_config
 
@@ -112,7 +116,9 @@ def start_distributed(cfg: Config) -> None:
     r = cfg.rollout
     timeout_minutes = max(30, math.ceil(max(r.call_timeout_s, r.startup_timeout_s) / 60) + 10)
     init_distributed(
-        ParallelLayout(tp=cfg.model.tp, pp=cfg.model.pp), seed=cfg.train.seed, timeout_minutes=timeout_minutes
+        ParallelLayout(tp=cfg.model.tp, pp=cfg.model.pp, ep=cfg.model.ep),
+        seed=cfg.train.seed,
+        timeout_minutes=timeout_minutes,
     )
 
 

@@ -12,7 +12,9 @@ Sharding follows Megatron's distributed optimizer: a data-parallel rank holds th
 exactly the slice of each parameter whose main copy it owns (1/dp of the teacher in all), updates
 that slice, and the full compute weights are put together over data parallel by one all-reduce per
 parameter of zero-filled tensors. Each element comes from exactly one rank, so the sum is exact in
-any dtype; it moves twice the bytes of an all-gather, once per training step.
+any dtype; it moves twice the bytes of an all-gather, once per training step. A MoE model's expert
+parameters (Megatron marks them ``allreduce = False``) are sharded over their own data-parallel
+group, the ranks that hold the same experts (``expert_data_parallel_group``).
 """
 
 from contextlib import nullcontext
@@ -48,18 +50,26 @@ class EmaTeacher:
     """
 
     def __init__(self, module: torch.nn.Module, student: torch.nn.Module, optimizer, *, offload: bool):
+        from megatron.core import parallel_state
+
         self.params = dict(module.named_parameters())  # tied weights appear once
         self._names = {param: name for name, param in student.named_parameters()}
-        (self.group,) = {opt.data_parallel_group for opt in optimizer.chained_optimizers}
+        dense = parallel_state.get_data_parallel_group(with_context_parallel=True)
+        experts = parallel_state.get_expert_data_parallel_group()
+        # the group over which the distributed optimizer shards each parameter's main copy
+        self.groups = {
+            name: dense if getattr(param, "allreduce", True) else experts
+            for name, param in student.named_parameters()
+        }
         self.slices: dict[str, tuple[int, int]] = {}
         self.values: dict[str, torch.Tensor] = {}  # name -> fp32 [end - start]
         for param, main, start, end in iter_main_shards(optimizer):
             name = self._names[param]
             self.slices[name] = (start, end)
             self.values[name] = main.detach().to(torch.float32, copy=True)
-        owned = sum(end - start for start, end in self.slices.values())
         assert set(self.slices) <= set(self.params), "the teacher and the student differ in parameters"
-        assert dist.get_world_size(self.group) > 1 or owned == sum(p.numel() for p in self.params.values())
+        for name, param in self.params.items():  # unsharded groups: this rank owns all of it
+            assert dist.get_world_size(self.groups[name]) > 1 or self.slices.get(name) == (0, param.numel())
         tensors = self.params | {f"fp32:{name}": value for name, value in self.values.items()}
         self.parking = HostParking(tensors) if offload else None
 
@@ -71,9 +81,9 @@ class EmaTeacher:
     def update(self, optimizer, rate: float) -> None:
         """One EMA step towards the student's current main parameters, then the compute weights."""
         main = {self._names[param]: shard for param, shard, _, _ in iter_main_shards(optimizer)}
-        data_parallel = dist.get_world_size(self.group) > 1
         with self.on_device():
             for name, param in self.params.items():
+                data_parallel = dist.get_world_size(self.groups[name]) > 1
                 flat = param.data.view(-1)
                 start, end = self.slices.get(name, (0, 0))  # (0, 0): other ranks own all of it
                 if data_parallel:
@@ -84,7 +94,7 @@ class EmaTeacher:
                     value.lerp_(main[name], rate)
                     flat[start:end].copy_(value)
                 if data_parallel:
-                    dist.all_reduce(param.data, group=self.group)
+                    dist.all_reduce(param.data, group=self.groups[name])
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """This rank's fp32 values (the compute weights are saved with the model's shards)."""

@@ -118,6 +118,12 @@ def test_layout_that_does_not_fit_the_world():
         validate_layout(cfg, world_size=6)
 
 
+def test_expert_parallelism_splits_the_data_parallel_ranks():
+    cfg = load_config([CONFIGS / "qwen3_8b_srpo.yaml"], [*REQUIRED, "model.ep=3"])
+    with pytest.raises(ValueError, match=r"model.ep=3 must divide the data-parallel size"):
+        validate_layout(cfg, world_size=8)
+
+
 def test_engines_must_fit_the_gpus():
     cfg = load_config([CONFIGS / "qwen3_8b_srpo.yaml"], [*REQUIRED, "rollout.num_engines=3"])
     with pytest.raises(ValueError, match="12 GPUs, but colocated engines take every training GPU"):

@@ -55,6 +55,10 @@ ROW = {
             r"model.tp=3 / model.pp=1 do not fit model.hf_dir=\S*: TP size 3 does not divide",
         ),
         (
+            lambda tmp: ["model.tp=1", "model.ep=2"],
+            r"model.ep=2 do not fit \S*: EP size 2 needs a mixture-of-experts model",
+        ),
+        (
             lambda tmp: ["train.prompts_per_step=64", "train.mini_batch_prompts=64"],
             r"train.prompts_per_step=64, but data.train_files hold 16 usable",
         ),
@@ -63,6 +67,13 @@ ROW = {
 def test_bad_model_or_layout_names_the_key(tiny_run_inputs, tmp_path, make, message):
     with pytest.raises(UserError, match=message):
         load_run_inputs(_cfg(tiny_run_inputs, *make(tmp_path)))
+
+
+def test_a_moe_model_at_tp_2_needs_sequence_parallelism(tiny_run_inputs):
+    with pytest.raises(
+        UserError, match=r"mixture-of-experts model at model.tp > 1 needs model.sequence_parallel"
+    ):
+        load_run_inputs(_cfg(tiny_run_inputs, f"model.hf_dir={tiny_run_inputs / 'moe'}", "model.tp=2"))
 
 
 def test_a_config_json_without_tokenizer_files_is_refused(tiny_run_inputs, tmp_path):

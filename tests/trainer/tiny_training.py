@@ -15,17 +15,22 @@ from srpo_megatron.config import load_config
 from srpo_megatron.data.rows import save_rows
 from srpo_megatron.data.synthetic import make_synthetic_rows
 from srpo_megatron.data.tokenizer import load_tokenizer
-from srpo_megatron.models.qwen3.tiny import TinyQwen3Config, build_tiny_qwen3
+from srpo_megatron.models.qwen3.tiny import TinyQwen3Config, TinyQwen3MoeConfig, build_tiny_qwen3
 from srpo_megatron.rewards.result import RewardResult
 from srpo_megatron.runtime.distributed import get_device
 
 
 def make_tiny_inputs(root):
-    """A tiny random Qwen3 (with the real tokenizer) and a few synthetic prompts under ``root``."""
+    """A tiny random Qwen3 (``model``) and Qwen3-MoE (``moe``: 8 experts, top-2), with the real
+    tokenizer, and a few synthetic prompts under ``root``."""
     tokenizer = load_tokenizer()
-    shape = TinyQwen3Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, head_dim=16)
-    build_tiny_qwen3(tokenizer, seed=0, config=shape).save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
+    shapes = {
+        "model": TinyQwen3Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, head_dim=16),
+        "moe": TinyQwen3MoeConfig(hidden_size=32, moe_intermediate_size=32, num_hidden_layers=2, head_dim=16),
+    }
+    for name, shape in shapes.items():
+        build_tiny_qwen3(tokenizer, seed=0, config=shape).save_pretrained(root / name)
+        tokenizer.save_pretrained(root / name)
     save_rows(make_synthetic_rows(16, seed=0), root / "train.parquet")
     save_rows(make_synthetic_rows(3, seed=0, split="test"), root / "test.parquet")
     return root

@@ -50,7 +50,7 @@ from typing import Any, Protocol
 import torch
 import torch.distributed as dist
 
-from srpo_megatron.models.qwen3.exporter import export_hf_tensors
+from srpo_megatron.models.qwen3.exporter import export_hf_tensors, is_exporting_rank
 from srpo_megatron.rollout.sglang_engine import SGLangEngine, WeightSyncError, as_result
 from srpo_megatron.rollout.sglang_fleet import SGLangFleet
 from srpo_megatron.rollout.weight_sync.buckets import (
@@ -548,15 +548,17 @@ def _sum_over_ranks(value: int, error: Exception | None, what: str) -> int:
 def megatron_sync_role() -> tuple[bool, bool, int]:
     """``(exports, sends, pp_rank)`` of this Megatron rank in a disaggregated sync.
 
-    exports: this rank iterates ``export_hf_tensors`` (data-parallel rank 0's model-parallel
-    group: the TP gathers inside the exporter need every TP rank of the stage). sends: it also owns
-    the stage's weight-update group (TP rank 0 of those: where the exporter yields tensors).
-    Other data-parallel replicas hold the same weights and do nothing.
+    exports: this rank iterates ``export_hf_tensors`` (``is_exporting_rank``: data-parallel rank 0's
+    model-parallel group, and with expert parallelism the other EP ranks that hold the rest of the
+    experts: the TP gathers and expert broadcasts inside the exporter need them all). sends: it also
+    owns the stage's weight-update group (TP rank 0 of data-parallel rank 0: where the exporter
+    yields tensors). Other data-parallel replicas hold the same weights and do nothing.
     """
     from megatron.core import parallel_state as ps
 
-    exports = ps.get_data_parallel_rank(with_context_parallel=True) == 0
-    sends = exports and ps.get_tensor_model_parallel_rank() == 0
+    exports = is_exporting_rank()
+    first = ps.get_data_parallel_rank(with_context_parallel=True) == 0
+    sends = exports and first and ps.get_tensor_model_parallel_rank() == 0
     return exports, sends, ps.get_pipeline_model_parallel_rank()
 
 
