@@ -77,23 +77,54 @@ def dry_run(cfg: Config, world_size: int, gpu_memory_gib: float = 80.0) -> None:
                 init_weights=False,
             )
         total = sum(p.numel() for p in model.parameters())
+        experts = sum(p.numel() for name, p in model.named_parameters() if ".mlp.experts." in name)
     finally:
         destroy_distributed()
-    per_rank = total / (cfg.model.tp * cfg.model.pp)
+    m = cfg.model
+    arch = Qwen3Arch.from_hf(hf_config)
+    # dense parameters split over tp x pp; experts over ep x tp x pp (ep carved out of dp)
+    experts_per_rank = experts / (m.ep * m.tp * m.pp)
+    per_rank = (total - experts) / (m.tp * m.pp) + experts_per_rank
     updates = cfg.train.prompts_per_step // cfg.train.mini_batch_prompts
+    expert_parallel = (
+        f" (ep {m.ep}: every {m.ep} dp ranks share one copy of the experts, {dp // m.ep} cop{'y' if dp == m.ep else 'ies'})"
+        if arch.is_moe
+        else ""
+    )
     print(to_yaml(cfg))
     print(
-        f"plan: world {world_size} = tp {cfg.model.tp} x pp {cfg.model.pp} x dp {dp}\n"
-        f"model: {hf_config.get('architectures', ['?'])[0]} {total:,} parameters "
-        f"(Megatron, vocab padded for tp {cfg.model.tp}), about {per_rank / 1e9:.3f} B per rank; EMA teacher sharded alike\n"
+        f"plan: world {world_size} = tp {m.tp} x pp {m.pp} x dp {dp}{expert_parallel}\n"
+        f"model: {hf_config.get('architectures', ['?'])[0]} {_count_line(cfg, arch, total, experts)}, "
+        f"about {per_rank / 1e9:.3f} B per rank; EMA teacher sharded alike\n"
         f"step: {cfg.train.prompts_per_step} prompts x {cfg.rollout.n} rollouts = "
         f"{cfg.train.prompts_per_step * cfg.rollout.n} rollouts, {updates} optimizer step(s) of "
         f"{cfg.train.mini_batch_prompts} prompts, {cfg.train.total_steps} steps\n"
         f"algorithm: {cfg.algorithm.variant}; rollouts: {engine_plan(cfg, local_world_size, on_gpus=True)}\n"
         f"output: {cfg.output_dir}\n"
-        + "\n".join(memory_plan_lines(cfg, Qwen3Arch.from_hf(hf_config), per_rank, dp, gpu_memory_gib))
+        + "\n".join(memory_plan_lines(cfg, arch, per_rank, dp, gpu_memory_gib, experts_per_rank))
         + "\ndry run OK"
     )
+
+
+def _count_line(cfg: Config, arch, total: int, experts: int) -> str:
+    """The model's parameters as Megatron holds them (``total``, built on meta): HF's count, plus
+    the rows that pad the vocabulary to a multiple of make_vocab_size_divisible_by x tp."""
+    from srpo_megatron.models.qwen3.mapping import count_megatron_params
+    from srpo_megatron.models.vocab import padded_vocab_size
+
+    m = cfg.model
+    hf = count_megatron_params(arch, arch.vocab_size)
+    line = f"{total:,} parameters (Megatron, vocab padded for tp {m.tp}) = HF's {hf:,}"
+    if total > hf:
+        padded = padded_vocab_size(arch.vocab_size, m.tp, m.make_vocab_size_divisible_by)
+        tables = "the embedding" if arch.tie_word_embeddings else "the embedding and the output layer"
+        line += (
+            f" + {total - hf:,} of padding ({arch.vocab_size:,} rows to {padded:,}, a multiple of "
+            f"{m.make_vocab_size_divisible_by} x tp {m.tp}, in {tables})"
+        )
+    if experts:
+        line += f"; experts {experts:,} ({experts / total:.1%}), the rest {total - experts:,}"
+    return line
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -70,9 +70,13 @@ def start_header(
         for source, count in sorted(sources.items())
     )
     t = cfg.train
+    expert_parallel = (
+        f" (ep {m.ep}: every {m.ep} dp ranks share one copy of the experts)" if arch.is_moe else ""
+    )
     return "\n".join(
         (
-            f"layout: world {world_size} = tp {m.tp} x pp {m.pp} x dp {world_size // (m.tp * m.pp)}; "
+            f"layout: world {world_size} = tp {m.tp} x pp {m.pp} x dp {world_size // (m.tp * m.pp)}"
+            f"{expert_parallel}; "
             f"rollouts: {engine_plan(cfg, local_world_size, torch.cuda.is_available())}",
             f"model: {m.hf_dir}, {count_megatron_params(arch, padded):,} parameters (vocabulary "
             f"{arch.vocab_size:,} padded to {padded:,} for tp {m.tp}), {m.dtype}; an EMA teacher alike",

@@ -8,8 +8,33 @@ Two peaks, per GPU (P = this rank's parameters, dp = data-parallel size, p = byt
     training   = static + activations of the largest micro-batch + the fused vocab op's buffers
     generating = static + rollout.mem_fraction x GPU memory (colocated engines; they free it before
                  training, SGLang's memory saver)
+    teacher    = static with the teacher on the device + one layer's forward (model.teacher_offload:
+                 its forward and its EMA update bring all of it back, fp32 EMA values included)
     engine GPU = rollout.mem_fraction x GPU memory, of which the weights (model.dtype) / engine_tp
                  (disaggregated engines, on GPUs of their own: held all run, async or not)
+
+Mixture of experts (Qwen3-MoE; runtime/distributed.py's ParallelLayout): expert parallelism is
+carved out of data parallelism and the experts are tensor-parallel over the same TP ranks, so
+Megatron's expert data-parallel size is dp/ep (world / (ep*tp*pp)): each expert is held by dp/ep
+ranks, each dense parameter (attention, embeddings, norms, routers, dense MLPs) by dp. With
+E_all the expert parameters and D the rest of the model:
+
+    P          = D/(tp*pp) + E_all/(ep*tp*pp)        (P_e: the second term, this rank's experts)
+    Adam, EMA  = (P - P_e)/dp + P_e/(dp/ep)          in place of P/dp (distributed optimizer and
+                                                     trainer/teacher.py shard each part over its
+                                                     own data-parallel group)
+
+so Adam and the fp32 EMA values of the experts cost 16*E_all/world bytes per GPU whatever the
+split, and only the replicated terms (params, grads, teacher weights: 8 bytes a parameter in bf16)
+shrink as ep*tp*pp grows. Activations of a MoE layer, per token of the micro-batch, with routing
+assumed balanced (T*k routed tokens reach each rank: the all-to-all over EP, then the all-gather
+over TP of the alltoall dispatcher; a rank whose experts are busier gets more, Megatron drops
+none): the dispatched tokens saved by the experts' fc1, k*h*p; the experts' SwiGLU k*6F*p
+(F = moe_intermediate_size/tp: the dense MLP's 5 tensors and the output scaled by the router's
+probability); the router's fp32 scores E*4*r. In backward the layer also holds the dispatched
+tokens' gradient and its re-sorted copy, 2*k*h*p, next to the experts' gradients in flight
+(k*4F*p). Megatron's selective ``mlp`` recompute leaves MoE layers alone (its ``moe`` module
+would take them; not offered by ModelConfig), so full recompute is what shrinks them here.
 
 Activations follow Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer
 Models" (sec. 4): a layer keeps s*b*h*(34 + 5*a*s/h) bytes at TP=1 in 16-bit with dropout, of
@@ -111,10 +136,16 @@ class ActivationShape:
     chunk_tokens: int  # train.ops_chunk_tokens
     dtype_bytes: int  # 2 (bf16) or 4 (fp32)
     spec: Spec
+    # mixture of experts: of this stage's ``layers``, those whose MLP is the experts (0: dense)
+    moe_layers: int = 0
+    moe_ffn: int = 0  # moe_intermediate_size of one expert
+    topk: int = 0  # experts per token
+    num_experts: int = 0
 
 
-def _layer_parts(s: ActivationShape) -> dict[str, float]:
-    """Bytes one layer saves for backward, by part; the parts recompute can drop are separate."""
+def _layer_parts(s: ActivationShape, moe: bool = False) -> dict[str, float]:
+    """Bytes one layer (a MoE layer with ``moe``) saves for backward, by part; the parts recompute
+    can drop are separate."""
     p, t, n = s.dtype_bytes, s.tp, s.tokens
     r = 1 / t if s.sequence_parallel else 1.0
     h, q, kv, a, f, d = (
@@ -145,21 +176,27 @@ def _layer_parts(s: ActivationShape) -> dict[str, float]:
         core_attention_inputs = (q + kv) * p
         mlp_input = h * r * p  # the residual stream, before fc1's fused norm
         mlp_norm = norm
+    if moe:  # the dispatched tokens (fc1's input), the experts' SwiGLU, the router's fp32 scores
+        mlp = s.topk * (h + 6 * s.moe_ffn / t) * p + s.num_experts * 4 * r
+    else:
+        mlp = 5 * f * p
     return {
         "attention_norm": norm * n,
         "attention": (qk_norms + shared_attention) * n,
         "core_attention": core_attention * n,
         "core_attention_inputs": core_attention_inputs * n,
         "mlp_norm": mlp_norm * n,
-        "mlp": 5 * f * p * n,
+        "mlp": mlp * n,
         "mlp_input": mlp_input * n,
     }
 
 
-def layer_bytes(s: ActivationShape, recompute: Recompute = Recompute()) -> tuple[float, float]:
+def layer_bytes(
+    s: ActivationShape, recompute: Recompute = Recompute(), moe: bool = False
+) -> tuple[float, float]:
     """(bytes one layer keeps until its backward, bytes its backward recomputes) under ``recompute``
-    at selective or no granularity."""
-    parts = _layer_parts(s)
+    at selective or no granularity; ``moe``: a MoE layer (selective ``mlp`` leaves it alone)."""
+    parts = _layer_parts(s, moe)
     kept = (
         parts["attention_norm"]
         + parts["attention"]
@@ -171,24 +208,33 @@ def layer_bytes(s: ActivationShape, recompute: Recompute = Recompute()) -> tuple
     if recompute.granularity == "selective" and "core_attn" in recompute.modules:
         kept += parts["core_attention_inputs"] - parts["core_attention"]
         again += parts["core_attention"]
-    if recompute.granularity == "selective" and "mlp" in recompute.modules:
+    if recompute.granularity == "selective" and "mlp" in recompute.modules and not moe:
         dropped = parts["mlp"] + (parts["mlp_norm"] if s.spec == "transformer_engine" else 0.0)
         kept += parts["mlp_input"] - dropped
         again += dropped
     return kept, again
 
 
-def _backward_working_bytes(s: ActivationShape) -> float:
+def _backward_working_bytes(s: ActivationShape, moe: bool = False) -> float:
     """Gradients in flight inside one layer's backward, beyond what the layer saved: the MLP's
-    (fc2 input, the SwiGLU halves, fc1 output: 4f*p) or, on the local spec, the softmax backward's
-    two [s, s] gradients (of the probabilities and of the scores, fp32), whichever is larger."""
+    (fc2 input, the SwiGLU halves, fc1 output: 4f*p; a MoE layer's for its k routed copies of each
+    token, plus the dispatched tokens' gradient and its re-sorted copy) or, on the local spec, the
+    softmax backward's two [s, s] gradients (of the probabilities and of the scores, fp32),
+    whichever is larger."""
     p, t = s.dtype_bytes, s.tp
-    mlp = 4 * s.ffn / t * p
+    mlp = s.topk * (4 * s.moe_ffn / t + 2 * s.hidden) * p if moe else 4 * s.ffn / t * p
     if s.spec == "local":
         attention = 2 * s.heads / t * s.seq_len * (4 + (p if p < 4 else 0))
     else:  # flash attention's backward: dQ, dK, dV and dO
         attention = 2 * (s.heads + 2 * s.kv_heads) * s.head_dim / t * p
     return max(mlp, attention) * s.tokens
+
+
+def _layer_kinds(s: ActivationShape) -> list[tuple[int, bool]]:
+    """The stage's layers by kind, (count, MoE?). A mixed stage lists its MoE layers first: where
+    only some layers keep their activations (block recompute) they count as MoE, an upper bound."""
+    kinds = [(s.moe_layers, True), (s.layers - s.moe_layers, False)]
+    return [(count, moe) for count, moe in kinds if count]
 
 
 def activation_terms(s: ActivationShape, recompute: Recompute = Recompute()) -> dict[str, float]:
@@ -199,7 +245,8 @@ def activation_terms(s: ActivationShape, recompute: Recompute = Recompute()) -> 
     flight next to what the other layers still keep (for block recompute: only the first layers')."""
     p, n = s.dtype_bytes, s.tokens
     r = 1 / s.tp if s.sequence_parallel else 1.0
-    full_layer, _ = layer_bytes(s)
+    kinds = _layer_kinds(s)
+    full_layer = max(layer_bytes(s, moe=moe)[0] for _, moe in kinds)  # the largest kind
     layer_input = s.hidden * r * p * n
     if recompute.granularity == "full":
         k = recompute.num_layers
@@ -207,11 +254,16 @@ def activation_terms(s: ActivationShape, recompute: Recompute = Recompute()) -> 
             layers = -(-s.layers // k) * layer_input
             at_recompute, again = layers, min(k, s.layers) * full_layer
         else:  # the last layers' backward frees their activations before the first k recompute
-            layers = k * layer_input + (s.layers - k) * full_layer
+            rest, kept_rest = s.layers - k, 0.0
+            for count, moe in kinds:
+                kept_rest += min(count, rest) * layer_bytes(s, moe=moe)[0]
+                rest -= min(count, rest)
+            layers = k * layer_input + kept_rest
             at_recompute, again = k * layer_input, full_layer
     else:
-        kept, again = layer_bytes(s, recompute)
-        layers = at_recompute = s.layers * kept
+        per_kind = [(count, *layer_bytes(s, recompute, moe)) for count, moe in kinds]
+        layers = at_recompute = sum(count * kept for count, kept, _ in per_kind)
+        again = max(again for _, _, again in per_kind)  # one layer recomputes at a time
     vocab_shard = s.padded_vocab / s.tp
     extra_copy = p if p < 4 else 0  # a compute-dtype copy next to the fp32 buffer
     terms = {
@@ -225,7 +277,8 @@ def activation_terms(s: ActivationShape, recompute: Recompute = Recompute()) -> 
     }
     at_vocab_op = sum(terms.values())
     # + the gradient of the residual stream [T, h] reaching the layer
-    at_layer_backward = at_recompute + again + layer_input + _backward_working_bytes(s)
+    working = max(_backward_working_bytes(s, moe) for _, moe in kinds)
+    at_layer_backward = at_recompute + again + layer_input + working
     terms["layer_backward_beyond_vocab_op"] = max(0.0, at_layer_backward - at_vocab_op)
     if s.sequence_parallel and s.spec == "local":
         terms["sp_gather_buffer"] = n * s.hidden * p  # Megatron's global memory buffer, persistent
@@ -238,6 +291,11 @@ def _training_shape(cfg: Config, arch: Qwen3Arch) -> ActivationShape:
     tokens = max(t.micro_batch_tokens, longest)  # at least one sequence per micro-batch
     if m.sequence_parallel:
         tokens = -(-tokens // m.tp) * m.tp
+    per_stage = arch.num_layers // m.pp
+    moe_layers = max(  # the stage with the most MoE layers
+        sum(stage * per_stage <= i < (stage + 1) * per_stage for i in arch.moe_layers)
+        for stage in range(m.pp)
+    )
     return ActivationShape(
         hidden=arch.hidden_size,
         ffn=arch.intermediate_size,
@@ -255,20 +313,36 @@ def _training_shape(cfg: Config, arch: Qwen3Arch) -> ActivationShape:
         dtype_bytes=2 if m.dtype == "bfloat16" else 4,
         # "auto" plans for what a GPU run builds: Transformer Engine's spec
         spec="local" if m.transformer_impl == "local" else "transformer_engine",
+        moe_layers=moe_layers,
+        moe_ffn=arch.moe_intermediate_size,
+        topk=arch.num_experts_per_tok,
+        num_experts=arch.num_experts,
     )
 
 
-def _static_terms(cfg: Config, params_per_rank: float, dp: int) -> dict[str, float]:
+def _static_terms(cfg: Config, params: float, dp: int, teacher_on_device: bool) -> dict[str, float]:
+    """Bytes of ``params`` parameters of this rank whose main copies (Adam) and fp32 EMA values are
+    sharded over ``dp`` ranks: the whole model's, or for a MoE model its dense part's (over dp) and
+    its experts' (over dp / ep) apart."""
     bf16 = cfg.model.dtype == "bfloat16"
     p = 2 if bf16 else 4
-    teacher = 0.0 if cfg.model.teacher_offload else params_per_rank
+    teacher = params if teacher_on_device else 0.0
     return {
-        "params": params_per_rank * p,
-        "grads": params_per_rank * 4,
-        "optimizer": params_per_rank * (12 if bf16 else 8) / dp,
+        "params": params * p,
+        "grads": params * 4,
+        "optimizer": params * (12 if bf16 else 8) / dp,
         "teacher_weights": teacher * p,
         "teacher_fp32": teacher * 4 / dp,
     }
+
+
+def _rank_state(
+    cfg: Config, params_per_rank: float, experts_per_rank: float, dp: int, teacher_on_device: bool
+) -> tuple[dict[str, float], dict[str, float]]:
+    """(every static term of this rank, the experts' share of each)."""
+    dense = _static_terms(cfg, params_per_rank - experts_per_rank, dp, teacher_on_device)
+    experts = _static_terms(cfg, experts_per_rank, dp // cfg.model.ep, teacher_on_device)
+    return {k: dense[k] + experts[k] for k in dense}, experts
 
 
 def _options(cfg: Config, layers: int) -> list[tuple[bool, Recompute]]:
@@ -290,16 +364,24 @@ def _options(cfg: Config, layers: int) -> list[tuple[bool, Recompute]]:
 
 
 def memory_plan_lines(
-    cfg: Config, arch: Qwen3Arch, params_per_rank: float, dp: int, gpu_memory_gib: float
+    cfg: Config,
+    arch: Qwen3Arch,
+    params_per_rank: float,
+    dp: int,
+    gpu_memory_gib: float,
+    experts_per_rank: float = 0.0,
 ) -> list[str]:
-    """The dry run's memory lines: both peaks with every term, the alternatives, and a warning
-    naming the settings that fit when the chosen ones do not."""
+    """The dry run's memory lines: both peaks with every term, the experts' share (MoE), the
+    teacher's pass when it is offloaded, the alternatives, and a warning naming the settings that
+    fit when the chosen ones do not. ``params_per_rank``: all of this rank's parameters, of which
+    ``experts_per_rank`` are experts (sharded over the expert data-parallel size dp / model.ep)."""
     m = cfg.model
+    assert (experts_per_rank > 0) == arch.is_moe, "a MoE model's experts are sharded apart: pass them"
     shape = _training_shape(cfg, arch)
     chosen = Recompute(
         m.recompute_granularity, m.recompute_method, m.recompute_num_layers, tuple(m.recompute_modules)
     )
-    static = _static_terms(cfg, params_per_rank, dp)
+    static, experts = _rank_state(cfg, params_per_rank, experts_per_rank, dp, not m.teacher_offload)
     static_total = sum(static.values())
 
     def training_total(sp: bool, recompute: Recompute) -> float:
@@ -312,16 +394,25 @@ def memory_plan_lines(
     total = training_total(m.sequence_parallel, chosen)
     g = {k: v / GIB for k, v in static.items()}
     offloaded = " (offloaded)" if m.teacher_offload else ""
+    experts_dp = f"; the experts' over dp/ep {dp // m.ep}" if experts_per_rank else ""
     attention = "local spec, unfused attention" if shape.spec == "local" else "TE spec, fused attention"
+    moe = (
+        f" ({shape.moe_layers} MoE: top-{shape.topk} routing, {shape.tokens * shape.topk:,} expert tokens)"
+        if shape.moe_layers
+        else ""
+    )
     lines = [
         f"memory per GPU while training (estimate, GiB): params {g['params']:.1f} + fp32 grads {g['grads']:.1f} "
-        f"+ Adam {g['optimizer']:.1f} (over dp {dp}) + EMA teacher {g['teacher_weights'] + g['teacher_fp32']:.1f}"
-        f"{offloaded} (weights {g['teacher_weights']:.1f}, fp32 EMA values {g['teacher_fp32']:.1f} over dp {dp}) "
-        f"+ activations {activations:.1f} (micro-batch of {shape.tokens:,} tokens, {shape.layers} layers, "
+        f"+ Adam {g['optimizer']:.1f} (over dp {dp}{experts_dp}) + EMA teacher "
+        f"{g['teacher_weights'] + g['teacher_fp32']:.1f}{offloaded} (weights {g['teacher_weights']:.1f}, "
+        f"fp32 EMA values {g['teacher_fp32']:.1f} over dp {dp}{experts_dp}) "
+        f"+ activations {activations:.1f} (micro-batch of {shape.tokens:,} tokens, {shape.layers} layers{moe}, "
         f"{attention}, sequence parallel {'on' if m.sequence_parallel else 'off'}, {chosen.describe()}) "
         f"+ vocab op {vocab_op:.1f} (chunks of {shape.chunk_tokens:,} x {shape.padded_vocab // shape.tp:,}, "
         f"its fp32 weight gradient, the hidden gradient) = {total:.1f} of {gpu_memory_gib:g} GiB"
     ]
+    if experts_per_rank:
+        lines.append(_experts_line(cfg, params_per_rank, experts_per_rank, dp, static_total, experts))
     r = cfg.rollout
     if r.engine == "sglang" and r.mode == "colocated":
         engines = r.mem_fraction * gpu_memory_gib
@@ -331,11 +422,21 @@ def memory_plan_lines(
             f"engines' rollout.mem_fraction={r.mem_fraction:g} {engines:.1f} = {generating:.1f} of "
             f"{gpu_memory_gib:g} GiB, leaving {gpu_memory_gib - generating:.1f} GiB for their activations and CUDA graphs"
         )
-        if gpu_memory_gib - generating < 0.1 * gpu_memory_gib:
-            line += " (tight: lower rollout.mem_fraction or set model.teacher_offload=true)"
+        if static_total / GIB >= gpu_memory_gib:
+            line += " (the actor and the teacher alone do not fit)"
+        elif gpu_memory_gib - generating < 0.1 * gpu_memory_gib:
+            offload = "" if m.teacher_offload else " or set model.teacher_offload=true"
+            line += f" (tight: lower rollout.mem_fraction{offload})"
         lines.append(line)
     if r.engine == "sglang" and r.mode == "disaggregated":
-        lines.append(_engine_gpu_line(cfg, params_per_rank * m.tp * m.pp, gpu_memory_gib))
+        dense = params_per_rank - experts_per_rank
+        lines.append(_engine_gpu_line(cfg, (dense + experts_per_rank * m.ep) * m.tp * m.pp, gpu_memory_gib))
+    teacher_pass = None
+    if m.teacher_offload:
+        teacher_pass, line = _teacher_pass_line(
+            cfg, shape, params_per_rank, experts_per_rank, dp, gpu_memory_gib
+        )
+        lines.append(line)
     options = [(sp, rc, training_total(sp, rc)) for sp, rc in _options(cfg, shape.layers)]
     lines.append(
         "memory options, training total: "
@@ -349,16 +450,72 @@ def memory_plan_lines(
             for sp, rc, gib in options
             if gib <= gpu_memory_gib
         ]
+        state = (
+            f" (the state alone, params + grads + Adam + teacher, is {static_total / GIB:.1f} GiB: "
+            "it needs more GPUs or larger ones)"
+            if static_total / GIB > gpu_memory_gib
+            else ""
+        )
         lines.append(
             f"WARNING: memory: training needs about {total:.1f} GiB per GPU, more than --gpu-memory-gib "
             f"{gpu_memory_gib:g}; "
             + (
                 "these fit: " + "; ".join(fitting)
                 if fitting
-                else "no recompute / sequence-parallel setting fits"
+                else f"no recompute / sequence-parallel setting fits{state}"
             )
         )
+    if teacher_pass is not None and teacher_pass > gpu_memory_gib:
+        lines.append(
+            f"WARNING: memory: the offloaded teacher's forward and EMA update need about {teacher_pass:.1f} "
+            f"GiB per GPU, more than --gpu-memory-gib {gpu_memory_gib:g}; recompute settings do not change it"
+        )
     return lines
+
+
+def _experts_line(
+    cfg: Config, params_per_rank: float, experts_per_rank: float, dp: int, static_total: float, experts: dict
+) -> str:
+    """A MoE model: how much of each static term is the experts', and over which ranks."""
+    m = cfg.model
+    g = {k: v / GIB for k, v in experts.items()}
+    all_experts = experts_per_rank * m.ep * m.tp * m.pp
+    return (
+        f"experts per GPU (estimate, GiB): {experts_per_rank / 1e9:.3f} B of this rank's "
+        f"{params_per_rank / 1e9:.3f} B parameters ({all_experts / 1e9:.2f} B experts / (ep {m.ep} x tp {m.tp} "
+        f"x pp {m.pp}); the other {(params_per_rank - experts_per_rank) / 1e9:.3f} B: the rest / (tp x pp)): "
+        f"params {g['params']:.1f} + fp32 grads {g['grads']:.1f} + Adam {g['optimizer']:.1f} + EMA teacher "
+        f"{g['teacher_weights'] + g['teacher_fp32']:.1f} (weights {g['teacher_weights']:.1f}, fp32 EMA values "
+        f"{g['teacher_fp32']:.1f}) = {sum(g.values()):.1f} of the state's {static_total / GIB:.1f}; their Adam "
+        f"and fp32 EMA values over the expert data-parallel size dp/ep = {dp}/{m.ep} = {dp // m.ep} (the ranks "
+        f"holding the same experts), the rest's over dp {dp}"
+    )
+
+
+def _teacher_pass_line(
+    cfg: Config,
+    shape: ActivationShape,
+    params_per_rank: float,
+    experts_per_rank: float,
+    dp: int,
+    gpu_memory_gib: float,
+) -> tuple[float, str]:
+    """model.teacher_offload: the peak of the teacher's forward and EMA update, which bring all of it
+    (weights and fp32 EMA values) back next to the actor's state. (GiB, the line)"""
+    actor, _ = _rank_state(cfg, params_per_rank, experts_per_rank, dp, teacher_on_device=False)
+    with_teacher, _ = _rank_state(cfg, params_per_rank, experts_per_rank, dp, teacher_on_device=True)
+    teacher = sum(with_teacher.values()) - sum(actor.values())
+    # a forward without grad keeps nothing: at most one layer's tensors and the vocab op's chunks
+    one_layer = max(layer_bytes(shape, moe=moe)[0] for _, moe in _layer_kinds(shape))
+    working = one_layer + activation_terms(shape)["vocab_chunks"]
+    total = (sum(with_teacher.values()) + working) / GIB
+    return total, (
+        f"memory per GPU while the teacher runs (estimate, GiB; model.teacher_offload brings it back for its "
+        f"forward and EMA update): actor {sum(actor.values()) / GIB:.1f} + teacher {teacher / GIB:.1f} "
+        f"(weights {with_teacher['teacher_weights'] / GIB:.1f}, fp32 EMA values "
+        f"{with_teacher['teacher_fp32'] / GIB:.1f}) + one layer's forward and the vocab op's chunks "
+        f"{working / GIB:.1f} = {total:.1f} of {gpu_memory_gib:g} GiB"
+    )
 
 
 def _engine_gpu_line(cfg: Config, params: float, gpu_memory_gib: float) -> str:

@@ -8,7 +8,7 @@ CONFIGS = Path(__file__).parents[2] / "configs"
 REQUIRED = ["model.hf_dir=/models/x", "data.train_files=[/data/train.jsonl]"]
 
 
-@pytest.mark.parametrize("name", ["qwen3_8b_srpo.yaml", "qwen3_4b_srpo.yaml"])
+@pytest.mark.parametrize("name", ["qwen3_8b_srpo.yaml", "qwen3_4b_srpo.yaml", "qwen3_30b_a3b_srpo.yaml"])
 def test_shipped_model_configs_load(name):
     cfg = load_config([CONFIGS / name], REQUIRED)
     assert cfg.algorithm.variant == "srpo" and cfg.optim.lr == 5e-6 and cfg.rollout.n == 8
