@@ -53,3 +53,40 @@ def mask_padded_vocab(logits: torch.Tensor, vocab_size: int, vocab_start: int = 
         return logits
     pad = torch.arange(logits.shape[-1], device=logits.device) >= max(num_real, 0)  # [V_shard]
     return logits.masked_fill(pad, torch.finfo(logits.dtype).min)
+
+
+def megatron_logprobs(model, tokens: torch.Tensor, labels: torch.Tensor, vocab_size: int):
+    """Log-probs of ``labels`` [B, S] under a Megatron GPTModel stage, through Megatron's schedule
+    (logits gathered over TP, padded vocabulary masked); [B, S] on the last stage, else None."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    batch, seq = tokens.shape
+    tp_group = ps.get_tensor_model_parallel_group()
+    tp, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+
+    def loss_func(logits):  # [B, S, Vp/tp]
+        masked = mask_padded_vocab(logits, vocab_size, tp_rank * logits.shape[-1])
+        shards = [torch.empty_like(masked) for _ in range(tp)]
+        torch.distributed.all_gather(shards, masked.contiguous(), group=tp_group)
+        full = torch.cat(shards, -1)  # [B, S, Vp]; padded columns hold the dtype's minimum
+        logp = torch.log_softmax(full, -1).gather(-1, labels[..., None])[..., 0]
+        # the same numbers as a softmax over the true vocabulary only
+        sliced = torch.log_softmax(full[..., :vocab_size], -1).gather(-1, labels[..., None])[..., 0]
+        assert torch.allclose(logp, sliced, atol=1e-6)
+        return logp.sum() * 0, {"logp": logp}
+
+    def forward_step(data_iterator, model):
+        position_ids = torch.arange(seq).expand(batch, seq)
+        return model(next(data_iterator), position_ids, attention_mask=None), loss_func
+
+    out = get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=iter([tokens]),
+        model=[model],
+        num_microbatches=1,
+        seq_length=seq,
+        micro_batch_size=batch,
+        forward_only=True,
+    )
+    return out[0]["logp"] if ps.is_pipeline_last_stage() else None

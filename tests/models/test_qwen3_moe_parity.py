@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_qwen3 import mask_padded_vocab, tiny_qwen3_moe_config
+from tiny_qwen3 import megatron_logprobs, tiny_qwen3_moe_config
 
 from srpo_megatron.runtime.distributed import ParallelLayout
 from srpo_megatron.runtime.launch import run_distributed
@@ -52,37 +52,6 @@ def hf_logprobs(model, tokens, labels):
     return torch.log_softmax(logits, -1).gather(-1, labels[..., None])[..., 0]  # [B, S]
 
 
-def megatron_logprobs(model, tokens, labels):
-    """Log-probs of ``labels`` through Megatron's schedule; [B, S] on the last stage, else None."""
-    from megatron.core import parallel_state as ps
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
-    tp_group = ps.get_tensor_model_parallel_group()
-    tp, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
-
-    def loss_func(logits):  # [B, S, Vp/tp]
-        masked = mask_padded_vocab(logits, VOCAB, tp_rank * logits.shape[-1])
-        shards = [torch.empty_like(masked) for _ in range(tp)]
-        torch.distributed.all_gather(shards, masked.contiguous(), group=tp_group)
-        logp = torch.log_softmax(torch.cat(shards, -1), -1).gather(-1, labels[..., None])[..., 0]
-        return logp.sum() * 0, {"logp": logp}
-
-    def forward_step(data_iterator, model):
-        position_ids = torch.arange(SEQ).expand(BATCH, SEQ)
-        return model(next(data_iterator), position_ids, attention_mask=None), loss_func
-
-    out = get_forward_backward_func()(
-        forward_step_func=forward_step,
-        data_iterator=iter([tokens]),
-        model=[model],
-        num_microbatches=1,
-        seq_length=SEQ,
-        micro_batch_size=BATCH,
-        forward_only=True,
-    )
-    return out[0]["logp"] if ps.is_pipeline_last_stage() else None
-
-
 def _parity_rank(hf_dir: str):
     """Log-probs, which exported tensors equal HF's file, and whether this rank must export."""
     from safetensors.torch import load_file
@@ -98,7 +67,7 @@ def _parity_rank(hf_dir: str):
     num_local_experts = {
         len(layer.mlp.experts.local_experts) for layer in model.decoder.layers if hasattr(layer.mlp, "router")
     }
-    logp = megatron_logprobs(model, *make_batch())
+    logp = megatron_logprobs(model, *make_batch(), VOCAB)
     reference = load_file(f"{hf_dir}/model.safetensors")
     exported = {name: torch.equal(t, reference[name]) for name, t in export_hf_tensors(model, config)}
     return logp, exported, is_exporting_rank(), num_local_experts

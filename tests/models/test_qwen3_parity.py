@@ -3,7 +3,7 @@ tensors, and parameter counts of the real 4B/8B shapes built on the meta device.
 
 import pytest
 import torch
-from tiny_qwen3 import tiny_qwen3_config
+from tiny_qwen3 import megatron_logprobs, tiny_qwen3_config
 
 from srpo_megatron.runtime.distributed import ParallelLayout
 from srpo_megatron.runtime.launch import run_distributed
@@ -47,44 +47,6 @@ def hf_logprobs(model, tokens, labels):
     return torch.log_softmax(logits, -1).gather(-1, labels[..., None])[..., 0]  # [B, S]
 
 
-def _megatron_logprobs(model, tokens, labels):
-    """Log-probs of ``labels`` through Megatron's schedule; [B, S] on the last stage, else None."""
-    from megatron.core import parallel_state as ps
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-    from tiny_qwen3 import mask_padded_vocab
-
-    tp_group = ps.get_tensor_model_parallel_group()
-    tp, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
-
-    def loss_func(logits):  # [B, S, Vp/tp]
-        vocab_start = tp_rank * logits.shape[-1]
-        masked = mask_padded_vocab(logits, VOCAB, vocab_start)
-        shards = [torch.empty_like(masked) for _ in range(tp)]
-        torch.distributed.all_gather(shards, masked.contiguous(), group=tp_group)
-        full = torch.cat(shards, -1)  # [B, S, Vp]; padded columns hold the dtype's minimum
-        logp = torch.log_softmax(full, -1).gather(-1, labels[..., None])[..., 0]
-        # the same numbers as a softmax over the true vocabulary only
-        sliced = torch.log_softmax(full[..., :VOCAB], -1).gather(-1, labels[..., None])[..., 0]
-        assert torch.allclose(logp, sliced, atol=1e-6)
-        return logp.sum() * 0, {"logp": logp}
-
-    def forward_step(data_iterator, model):
-        batch_tokens = next(data_iterator)
-        position_ids = torch.arange(SEQ).expand(BATCH, SEQ)
-        return model(batch_tokens, position_ids, attention_mask=None), loss_func
-
-    out = get_forward_backward_func()(
-        forward_step_func=forward_step,
-        data_iterator=iter([tokens]),
-        model=[model],
-        num_microbatches=1,
-        seq_length=SEQ,
-        micro_batch_size=BATCH,
-        forward_only=True,
-    )
-    return out[0]["logp"] if ps.is_pipeline_last_stage() else None
-
-
 def _parity_rank(hf_dirs: dict[bool, str]):
     """Per tied/untied model: log-probs, exported tensors vs HF's, padded embedding rows."""
     from megatron.core import parallel_state as ps
@@ -101,7 +63,7 @@ def _parity_rank(hf_dirs: dict[bool, str]):
         config = load_hf_config(hf_dir)
         model = build_qwen3_model(config, params_dtype=torch.float32).eval()
         load_hf_weights(model, hf_dir)
-        logp = _megatron_logprobs(model, tokens, labels)
+        logp = megatron_logprobs(model, tokens, labels, VOCAB)
         exported = dict(export_hf_tensors(model, config))
         reference = load_file(f"{hf_dir}/model.safetensors")
         exported_equal = {n: torch.equal(t, reference[n]) for n, t in exported.items()}
