@@ -368,8 +368,9 @@ class MegatronActor:
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
         self._run(self.model, micro_batches, stats_args, loss_func, forward_only=False)
-        if metrics:  # the last pipeline stage: the router losses of its MoE layers, if any are on
-            metrics.append(_router_losses(len(micro_batches)))
+        router_losses = _router_losses(len(micro_batches))
+        if metrics and router_losses:  # the last pipeline stage, a MoE model with the losses on
+            metrics.append(router_losses)
         # Megatron's fp32 / bf16 optimizers step whatever the gradients hold (only fp16 loss scaling
         # skips on overflow): a non-finite global gradient norm skips this update here, and is counted.
         self.optimizer.prepare_grads()
@@ -395,7 +396,8 @@ class MegatronActor:
 @dataclass(frozen=True)
 class Update:
     """One optimizer update: Megatron's own host numbers, and the loss's metrics of each micro-batch
-    (device tensors; empty on all but the last pipeline stage)."""
+    and the MoE router's losses where they are on (device tensors; empty on all but the last
+    pipeline stage)."""
 
     ok: bool  # False: skipped (a non-finite gradient norm)
     grad_norm: float
@@ -417,7 +419,8 @@ def _router_losses(num_micro_batches: int) -> dict[str, Metric]:
     """The MoE router's auxiliary losses of the pass just run (``model.moe_aux_loss_coeff``,
     ``model.moe_z_loss_coeff``), as Megatron's routers recorded them, per layer summed over the
     micro-batches: ``moe/<name>``, the mean over this stage's MoE layers and the micro-batches. The
-    record is cleared for the next pass. Empty for a dense model or with both losses off."""
+    record is cleared for the next pass (on every stage). Empty for a dense model or with both
+    losses off."""
     from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
 
     tracker = get_moe_metrics_tracker()
