@@ -9,6 +9,7 @@ from typing import Literal
 
 Variant = Literal["grpo", "sdpo", "srpo", "srpo_no_dw", "advantage_mix"]
 VARIANTS: tuple[str, ...] = ("grpo", "sdpo", "srpo", "srpo_no_dw", "advantage_mix")
+ROUTING_REPLAY: tuple[str, ...] = ("none", "rollout", "old")
 
 
 @dataclass
@@ -54,6 +55,12 @@ class AlgorithmConfig:
     teacher_max_prompt_len: int = 10240
     """Teacher prompt tokens kept (right-truncated) before the student's response ids."""
 
+    routing_replay: Literal["none", "rollout", "old"] = "none"
+    """A mixture-of-experts student's routing (trainer/expert_routes.py): none = the live router in
+    every pass; rollout = the old-log-prob and training passes replay the experts the rollout engine
+    chose ("R3"); old = the training passes replay the old-log-prob pass's choice. The EMA teacher
+    always routes live."""
+
     def validate(self) -> None:
         """Raise ValueError naming the first bad field."""
         if self.variant not in VARIANTS:
@@ -81,6 +88,10 @@ class AlgorithmConfig:
             raise ValueError(f"algorithm.ema_decay must be in (0, 1], got {self.ema_decay}")
         if not 0.0 <= self.mix_lambda <= 1.0:
             raise ValueError(f"algorithm.mix_lambda must be in [0, 1], got {self.mix_lambda}")
+        if self.routing_replay not in ROUTING_REPLAY:
+            raise ValueError(
+                f"algorithm.routing_replay must be one of {ROUTING_REPLAY}, got {self.routing_replay!r}"
+            )
         if self.teacher_max_prompt_len < 1:
             raise ValueError(
                 f"algorithm.teacher_max_prompt_len must be >= 1, got {self.teacher_max_prompt_len}"

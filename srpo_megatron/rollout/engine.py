@@ -35,6 +35,8 @@ class SamplingParams:
     """generation of a sample ends after any of these ids (usually the EOS / end-of-turn ids)"""
     seed: int | None = None
     """same seed, same weights, same prompts -> same samples (HF engine; SGLang best effort)"""
+    record_routes: bool = False
+    """a mixture-of-experts model: return the experts each token was routed to (``RolloutBatch.routed_experts``)"""
 
     def __post_init__(self):
         if self.n < 1:
@@ -57,6 +59,9 @@ class RolloutBatch:
     response_ids: list[list[int]]
     rollout_logp: list[torch.Tensor]  # each [len(response_ids[i])], fp32
     finish_reasons: list[FinishReason]
+    # ``record_routes``: per sample [len(prompt) + len(response), MoE layers, k] int16, the experts the
+    # router chose at each position it read (-1 at the response's last token, which it never reads)
+    routed_experts: list[torch.Tensor] | None = None
 
     def __len__(self) -> int:
         return len(self.response_ids)
@@ -72,6 +77,15 @@ class RolloutBatch:
         assert len(sizes) == 1, f"ragged RolloutBatch fields: {sizes}"
         for ids, logp in zip(self.response_ids, self.rollout_logp, strict=True):
             assert len(ids) == logp.numel(), (len(ids), logp.shape)
+        if self.routed_experts is not None:
+            for prompt, response, routes in zip(
+                self.prompt_ids, self.response_ids, self.routed_experts, strict=True
+            ):
+                assert routes.shape[0] == len(prompt) + len(response), (
+                    routes.shape,
+                    len(prompt),
+                    len(response),
+                )
 
 
 class RolloutEngine(Protocol):

@@ -12,6 +12,7 @@ stream SGLang receives, so a mapping bug in the exporter shows up here as a trai
 gap.
 """
 
+import contextlib
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
@@ -139,16 +140,17 @@ class HFEngine:
         if params.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(params.seed)
         step = self.max_batch_size or max(len(prompt_index), 1)
-        responses, logps, reasons = [], [], []
+        responses, logps, reasons, routes = [], [], [], []
         threads = torch.get_num_threads()
         torch.set_num_threads(self.num_threads or threads)
         try:
             for start in range(0, len(prompt_index), step):
                 chunk = [list(prompt_ids[i]) for i in prompt_index[start : start + step]]
-                r, lp, fr = self._generate_batch(chunk, params, generator)
+                r, lp, fr, rt = self._generate_batch(chunk, params, generator)
                 responses += r
                 logps += lp
                 reasons += fr
+                routes += rt or []
                 if on_done is not None:
                     on_done(len(chunk))
         finally:
@@ -159,10 +161,17 @@ class HFEngine:
             response_ids=responses,
             rollout_logp=logps,
             finish_reasons=reasons,
+            routed_experts=routes if params.record_routes else None,
         )
 
     def _generate_batch(self, prompts: list[list[int]], params: SamplingParams, generator):
         n, device = len(prompts), self.device
+        recorder = _RouteRecorder(self.model) if params.record_routes else None
+        prompt_lens = torch.tensor([len(p) for p in prompts])
+        if recorder is not None:  # [n, position, layers, k], -1 where the model reads nothing
+            routes = torch.full(
+                (n, int(prompt_lens.max()) + params.max_new_tokens, *recorder.shape), -1, dtype=torch.int16
+            )
         width = max(len(p) for p in prompts)
         input_ids = torch.full((n, width), self.pad_token_id, dtype=torch.long, device=device)
         mask = torch.zeros((n, width), dtype=torch.long, device=device)
@@ -178,14 +187,22 @@ class HFEngine:
         step_ids = input_ids
         for t in range(params.max_new_tokens):
             position_ids = (mask.cumsum(-1) - 1).clamp(min=0)[:, -step_ids.shape[1] :]
-            out = self.model(
-                input_ids=step_ids,
-                attention_mask=mask,
-                position_ids=position_ids,
-                past_key_values=past,
-                use_cache=True,
-                logits_to_keep=1,
-            )
+            with recorder or contextlib.nullcontext():
+                out = self.model(
+                    input_ids=step_ids,
+                    attention_mask=mask,
+                    position_ids=position_ids,
+                    past_key_values=past,
+                    use_cache=True,
+                    logits_to_keep=1,
+                )
+            if recorder is not None:
+                chosen = recorder.take(step_ids.shape).cpu()  # [rows, tokens, layers, k]
+                if t == 0:  # the prompts, left-padded
+                    for row, length in enumerate(prompt_lens.tolist()):
+                        routes[row, :length] = chosen[row, width - length :]
+                else:  # the response token sampled at step t - 1
+                    routes[alive, prompt_lens[alive] + t - 1] = chosen[:, 0]
             past = out.past_key_values
             token, logp = sample_top_p(out.logits[:, -1], params.temperature, params.top_p, generator)
             tokens[alive, t], logps[alive, t] = token.cpu(), logp.cpu()
@@ -203,7 +220,10 @@ class HFEngine:
         logp_list = [logps[i, : lengths[i]].clone() for i in range(n)]
         stop_set = set(params.stop_token_ids)
         reasons: list[FinishReason] = ["stop" if r and r[-1] in stop_set else "length" for r in responses]
-        return responses, logp_list, reasons
+        if recorder is None:
+            return responses, logp_list, reasons, None
+        route_list = [routes[i, : prompt_lens[i] + lengths[i]].clone() for i in range(n)]
+        return responses, logp_list, reasons, route_list
 
     @torch.no_grad()
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
@@ -227,3 +247,41 @@ class HFEngine:
 
     def shutdown(self) -> None:
         """Nothing to stop: the model goes with this process."""
+
+
+class _RouteRecorder:
+    """Within ``with``: the experts each MoE layer's router of an HF Qwen3-MoE chooses, from a
+    forward hook on its gate. The choice is re-derived from the gate's logits as HF's router makes
+    it (top-k of their fp32 softmax: transformers 4.x's ``Qwen3MoeSparseMoeBlock`` and 5.x's
+    ``Qwen3MoeTopKRouter`` alike, the gate returning the logits alone or first)."""
+
+    def __init__(self, model: torch.nn.Module):
+        config = model.config
+        self.gates = [layer.mlp.gate for layer in model.model.layers if hasattr(layer.mlp, "experts")]
+        if not self.gates:
+            raise ValueError("record_routes: the engine's model has no mixture-of-experts layer")
+        self.k = config.num_experts_per_tok
+        self.shape = (len(self.gates), self.k)
+        self._chosen: list[torch.Tensor] = []
+        self._handles = []
+
+    def _hook(self, module, args, output):
+        logits = output[0] if isinstance(output, tuple) else output  # [tokens, experts]
+        self._chosen.append(torch.topk(logits.float().softmax(-1), self.k, dim=-1).indices)
+
+    def __enter__(self):
+        self._chosen = []
+        self._handles = [gate.register_forward_hook(self._hook) for gate in self.gates]
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def take(self, input_shape: torch.Size) -> torch.Tensor:
+        """The forward just run's choices: [rows, tokens, layers, k] for input ids of ``input_shape``."""
+        assert len(self._chosen) == len(self.gates), (len(self._chosen), len(self.gates))
+        chosen = torch.stack(self._chosen, dim=1).view(*input_shape, len(self.gates), self.k)
+        self._chosen = []
+        return chosen.to(torch.int16)

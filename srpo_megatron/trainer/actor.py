@@ -42,6 +42,7 @@ from srpo_megatron.models.qwen3.config import Qwen3Arch
 from srpo_megatron.models.qwen3.loader import load_hf_weights
 from srpo_megatron.models.qwen3.provider import build_qwen3_model
 from srpo_megatron.ops.token_stats import TokenStats, vocab_parallel_token_stats
+from srpo_megatron.trainer.expert_routes import RoutePass, RouteReplay
 from srpo_megatron.trainer.step_batch import MicroBatch, Sequences
 from srpo_megatron.trainer.teacher import EmaTeacher
 
@@ -87,6 +88,7 @@ class MegatronActor:
 
         self.cfg = cfg
         dtype = _dtype(cfg.model.dtype)
+        arch = Qwen3Arch.from_hf(hf_config)
         build = partial(
             build_qwen3_model,
             hf_config,
@@ -97,10 +99,17 @@ class MegatronActor:
             calculate_per_token_loss=True,
             bf16=dtype == torch.bfloat16,
             **megatron_memory_settings(cfg.model),
-            **(moe_settings(cfg.model) if Qwen3Arch.from_hf(hf_config).is_moe else {}),
+            **(moe_settings(cfg.model) if arch.is_moe else {}),
         )
         student = build()
         load_hf_weights(student, cfg.model.hf_dir, hf_config)
+        # a MoE student's routers take replayed routes (trainer/expert_routes.py); the teacher's route live
+        self.routes = None
+        self.route_shape = (len(arch.moe_layers), arch.num_experts_per_tok) if arch.is_moe else None
+        if arch.is_moe:
+            self.routes = RouteReplay.install(
+                student, arch.moe_layers, sequence_parallel=cfg.model.sequence_parallel
+            )
         self.teacher = build()
         self.teacher.load_state_dict(student.state_dict())
         self.teacher.requires_grad_(False)
@@ -237,35 +246,52 @@ class MegatronActor:
         loss_func: Callable,
         *,
         forward_only: bool,
+        routes: RoutePass | None = None,
+        record_into: torch.Tensor | None = None,
     ) -> None:
         """One call of Megatron's schedule over ``micro_batches`` (on the rank's device).
 
         ``stats_args(i)``: extra arguments of the token-stats op for micro-batch i (top-k, ids to
-        gather at, entropy); ``loss_func(i, stats)``: Megatron's loss function for it.
+        gather at, entropy); ``loss_func(i, stats)``: Megatron's loss function for it. ``routes``:
+        what a MoE student does with its micro-batches' routes (None: the teacher, or a dense
+        model); ``record_into``: the pass's ``Sequences.routes``, for the live choices it records.
         """
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         items = iter(enumerate(micro_batches))
+        hooks = self.routes if routes is not None else None
 
         def forward_step(data_iterator, model):
             index, mb = next(data_iterator)
+            if hooks is not None:
+                hooks.micro_batch(mb.routes)
             output = model(
                 mb.tokens,
                 mb.position_ids,
                 None,
                 output_processor=partial(self._token_stats, mb=mb, extra=stats_args(index)),
             )
+            if record_into is not None:
+                length = min(mb.tokens.shape[1], record_into.shape[1])
+                for layer, live in hooks.recorded(mb.tokens.shape[0]).items():
+                    record_into[mb.seqs, :length, layer] = live[: mb.seqs.stop - mb.seqs.start, :length]
             return output, partial(loss_func, index)
 
-        get_forward_backward_func()(
-            forward_step_func=forward_step,
-            data_iterator=items,
-            model=[model],
-            num_microbatches=len(micro_batches),
-            seq_length=micro_batches[0].tokens.shape[1],
-            micro_batch_size=micro_batches[0].tokens.shape[0],
-            forward_only=forward_only,
-        )
+        if hooks is not None:
+            hooks.begin(routes)
+        try:
+            get_forward_backward_func()(
+                forward_step_func=forward_step,
+                data_iterator=items,
+                model=[model],
+                num_microbatches=len(micro_batches),
+                seq_length=micro_batches[0].tokens.shape[1],
+                micro_batch_size=micro_batches[0].tokens.shape[0],
+                forward_only=forward_only,
+            )
+        finally:
+            if hooks is not None:
+                hooks.end()
 
     def _token_stats(
         self, *, hidden_states, output_layer, output_weight, config, mb: MicroBatch, extra: dict, **_
@@ -305,11 +331,15 @@ class MegatronActor:
         topk: int = 0,
         gather_ids: list[torch.Tensor] | None = None,
         want_entropy: bool = False,
+        routes: RoutePass | None = None,
+        record_into: torch.Tensor | None = None,
     ) -> list[TokenStats] | None:
         """Forward-only pass of the student (``teacher=False``) or the EMA teacher.
 
         Returns one ``TokenStats`` ([n] per target) per micro-batch on the last pipeline stage,
-        None on the other stages. ``gather_ids``: per micro-batch [n, K] ids to gather at.
+        None on the other stages. ``gather_ids``: per micro-batch [n, K] ids to gather at. A MoE
+        student's pass does ``routes`` with the micro-batches' routes, records into ``record_into``
+        (``_run``); the teacher routes live.
         """
         from megatron.core import parallel_state
 
@@ -325,8 +355,17 @@ class MegatronActor:
 
         model = self.teacher if teacher else self.model
         model.eval()
+        student_routes = None if teacher or self.routes is None else routes or RoutePass()
         with self.teacher_on_device() if teacher else nullcontext():
-            self._run(model, micro_batches, stats_args, collect, forward_only=True)
+            self._run(
+                model,
+                micro_batches,
+                stats_args,
+                collect,
+                forward_only=True,
+                routes=student_routes,
+                record_into=record_into if student_routes is not None else None,
+            )
         return results if parallel_state.is_pipeline_last_stage(ignore_virtual=True) else None
 
     def train(
@@ -335,13 +374,15 @@ class MegatronActor:
         inputs: list[LossBatch] | None,
         *,
         weight_stats: tuple[torch.Tensor, torch.Tensor] | None,
+        replay_routes: bool = False,
     ) -> "Update":
         """Forward + backward over one mini-batch with the SRPO objective, then one optimizer step.
 
         inputs: each micro-batch's ``LossBatch``, token-major ([n, 1]: ``StepBatch.loss_batch``),
         without the log-probs of this pass (which the loss function fills in), on the last pipeline
         stage; None on the other stages. weight_stats: the global sum and count of the dynamic
-        weights (srpo; ``objective.compute_srpo_loss``). The loss function reads no value on the host.
+        weights (srpo; ``objective.compute_srpo_loss``). replay_routes: a MoE student routes by the
+        micro-batches' routes. The loss function reads no value on the host.
         """
         alg: AlgorithmConfig = self.cfg.algorithm
         weight_sum, weight_count = weight_stats or (None, None)
@@ -367,7 +408,8 @@ class MegatronActor:
         self.model.train()
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
-        self._run(self.model, micro_batches, stats_args, loss_func, forward_only=False)
+        routes = None if self.routes is None else RoutePass(replay=replay_routes)
+        self._run(self.model, micro_batches, stats_args, loss_func, forward_only=False, routes=routes)
         router_losses = _router_losses(len(micro_batches))
         if metrics and router_losses:  # the last pipeline stage, a MoE model with the losses on
             metrics.append(router_losses)
@@ -385,6 +427,18 @@ class MegatronActor:
             grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
             lr=self.optimizer.param_groups[0]["lr"],
             metrics=metrics,
+        )
+
+    def take_route_flips(self) -> Mean:
+        """``moe/route_flip`` of the student's last pass that compared routes, over this rank's
+        tensor- and pipeline-parallel groups (collective; expert_routes.py)."""
+        from megatron.core import parallel_state
+
+        return self.routes.take_flips(
+            [
+                parallel_state.get_tensor_model_parallel_group(),
+                parallel_state.get_pipeline_model_parallel_group(),
+            ]
         )
 
     def update_teacher(self, rate: float) -> None:

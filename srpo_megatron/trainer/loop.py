@@ -137,9 +137,10 @@ def train_step(run: Run, step: int) -> dict[str, float]:
                 dict(zip(needs, prefixes, strict=True)),
                 pad_id=run.tokenizer.pad_token_id or 0,
                 device=get_device(),
+                route_shape=actor.route_shape,
             )
         with timer("old_logp"):
-            compute_old_logp(actor, step_batch)
+            route_metrics = compute_old_logp(actor, step_batch, alg.routing_replay)
         with timer("teacher"):
             compute_teacher_stats(actor, step_batch)
         sums = MetricSums()  # the step's metrics of its passes, on the device (last stage)
@@ -156,7 +157,8 @@ def train_step(run: Run, step: int) -> dict[str, float]:
                     if alg.uses_dynamic_weighting:
                         span = step_batch.student.span(first, last)
                         weights = reduce_weight_stats(step_batch, span, alg.entropy_beta, dp_group)
-                update = actor.train(mbs, inputs, weight_stats=weights)
+                replay = alg.routing_replay != "none" and actor.route_shape is not None
+                update = actor.train(mbs, inputs, weight_stats=weights, replay_routes=replay)
                 for metrics in update.metrics:
                     sums.add(metrics)
                 train_updates.append(update)
@@ -166,7 +168,7 @@ def train_step(run: Run, step: int) -> dict[str, float]:
         sync_metrics = run.rollouts.push_weights(actor.student, run.hf_config, version=step, timer=timer)
 
     if last_stage:
-        sums.add(step_stats(step_batch))
+        sums.add(step_stats(step_batch) | route_metrics)
     metrics = rollout_metrics(batch, rewards, parsed, routing, alg.variant) | version_metrics
     metrics |= reduce_train_metrics(train_updates, sums, dp_group) | sync_metrics
     return from_last_stage(metrics) | timer.seconds

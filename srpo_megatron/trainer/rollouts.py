@@ -7,7 +7,8 @@ data-parallel group, passed in):
     compute_rewards         each prompt's verifier on each response -> [R] rewards, parsed
     teacher_prefixes        the teacher prompts (with a correct sibling's solution)
     build_step_batch        this rank's share as a ``StepBatch`` on its device (step_batch.py)
-    compute_old_logp        the student's log-probs (+ top-K ids) into the step batch          pass
+    compute_old_logp        the student's log-probs (+ top-K ids, a MoE student's routes) into
+                            the step batch                                                pass
     compute_teacher_stats   the EMA teacher at the student's tokens and top-K ids, likewise    pass
     rollout_metrics         the step's rollout statistics (no communication)
     step_stats              the actor-engine log-prob gap and the teacher's entropy, typed
@@ -28,6 +29,7 @@ from srpo_megatron.rewards.registry import get_reward_fn
 from srpo_megatron.rollout.engine import RolloutBatch, SamplingParams
 from srpo_megatron.runtime.distributed import from_rank_0
 from srpo_megatron.trainer.actor import MegatronActor
+from srpo_megatron.trainer.expert_routes import RoutePass
 from srpo_megatron.trainer.step_batch import StepBatch
 
 
@@ -48,6 +50,7 @@ def sample_rollouts(engine, cfg: Config, tokenizer, rows, *, seed: int) -> Rollo
         max_new_tokens=cfg.rollout.max_new_tokens,
         stop_token_ids=tuple(stop_token_ids(tokenizer)),
         seed=seed,
+        record_routes=cfg.algorithm.routing_replay == "rollout",
     )
     batch = engine.generate([row.prompt_ids for row in rows], params)
     engine.release_memory()
@@ -102,9 +105,12 @@ def build_step_batch(
     *,
     pad_id: int,
     device: torch.device,
+    route_shape: tuple[int, int] | None = None,
 ) -> StepBatch:
     """Rollouts ``ids`` (this rank's share) as a ``StepBatch`` on ``device``. ``teacher_prefix_of``:
-    the teacher prompt of each of them that needs a teacher (``teacher_prefixes``)."""
+    the teacher prompt of each of them that needs a teacher (``teacher_prefixes``). ``route_shape``:
+    (MoE layers, k) of a student whose routes are replayed: the engine's (``rollout``), or none yet
+    (``old``: the old-log-prob pass records them)."""
     if alg.variant in ("grpo", "advantage_mix") and bool(routing.route_sdpo.any()):
         raise ValueError(f"variant {alg.variant!r} has no SDPO branch but route_sdpo is set")
     index = torch.tensor(ids, dtype=torch.long)
@@ -120,20 +126,51 @@ def build_step_batch(
         teacher_prefixes={local[i]: prefix for i, prefix in teacher_prefix_of.items()},
         topk=alg.topk if alg.uses_teacher else 0,
         pad_id=pad_id,
+        routes=_step_routes(batch, ids, alg.routing_replay, route_shape),
     )
     return step.to(device)
 
 
-def compute_old_logp(actor: MegatronActor, step: StepBatch) -> None:
+def _step_routes(batch: RolloutBatch, ids: list[int], mode: str, shape) -> list[torch.Tensor] | None:
+    """Each rollout's routes for the step batch (``algorithm.routing_replay``; expert_routes.py)."""
+    if mode == "none" or shape is None:
+        return None
+    lengths = [len(batch.prompt_ids[i]) + len(batch.response_ids[i]) for i in ids]
+    if mode == "old":
+        return [torch.full((n, *shape), -1, dtype=torch.int16) for n in lengths]
+    if batch.routed_experts is None:
+        raise ValueError("routing_replay 'rollout': the rollout engine returned no routed experts")
+    routes = [batch.routed_experts[i] for i in ids]
+    for i, r, n in zip(ids, routes, lengths, strict=True):
+        if tuple(r.shape) != (n, *shape):
+            raise ValueError(f"rollout {i}: routed experts of shape {tuple(r.shape)}, expected {(n, *shape)}")
+    return routes
+
+
+def compute_old_logp(
+    actor: MegatronActor, step: StepBatch, routing_replay: str = "none"
+) -> dict[str, Metric]:
     """pi_old: the student's forward pass on the step's sequences; its log-probs (and top-K ids,
-    where the batch has that column) go into the step batch."""
+    where the batch has that column) go into the step batch. A MoE student (``routing_replay``,
+    expert_routes.py): ``rollout`` replays the engine's routes and returns ``moe/route_flip``, the
+    share of them its live router would have chosen otherwise; ``old`` records its routes into the
+    step batch."""
     mbs = actor.micro_batches(step.student)
     topk = 0 if step.topk_ids is None else step.topk_ids.shape[1]
-    stats = actor.forward(mbs, teacher=False, topk=topk)
+    rollout_routes = routing_replay == "rollout" and step.student.routes is not None
+    record = routing_replay == "old" and step.student.routes is not None
+    stats = actor.forward(
+        mbs,
+        teacher=False,
+        topk=topk,
+        routes=RoutePass(replay=rollout_routes, compare=rollout_routes, record=record),
+        record_into=step.student.routes if record else None,
+    )
     for mb, s in zip(mbs, stats or [], strict=False):  # None off the last stage
         step.old_logp[mb.span] = s.logp
         if topk:
             step.topk_ids[mb.span] = s.topk_ids
+    return {"moe/route_flip": actor.take_route_flips()} if rollout_routes else {}
 
 
 def compute_teacher_stats(actor: MegatronActor, step: StepBatch) -> None:

@@ -50,6 +50,11 @@ def load_model_config(cfg: Config) -> dict:
             "config: a mixture-of-experts model at model.tp > 1 needs model.sequence_parallel=true "
             "(Megatron's MoE layer trains only so)"
         )
+    if cfg.algorithm.routing_replay != "none" and not arch.is_moe:
+        raise UserError(
+            f"config: algorithm.routing_replay={cfg.algorithm.routing_replay} replays a mixture-of-experts "
+            f"router; model.hf_dir={cfg.model.hf_dir} is a dense {arch.model_type}"
+        )
     check_recompute_layers(cfg.model, arch.num_layers)
     return hf_config
 

@@ -7,7 +7,8 @@ only those positions go through the output layer (the ops take ``hidden[rows, co
 prompts cost nothing in the 151,936-wide vocabulary projection.
 
     Sequences    a pass's model input: tokens [S, L] right-padded, and per target (n in all, in
-                 sequence order) its sequence ``seq`` and predicting position ``col``
+                 sequence order) its sequence ``seq`` and predicting position ``col``; for a MoE
+                 model's routing replay, each position's experts (expert_routes.py)
     StepBatch    the student's sequences (the rollouts) and one row per target token, N in all:
                    target, rollout_logp, advantage, route_sdpo, has_teacher, fallback   (rollouts)
                    old_logp [N], topk_ids [N, K]                     (old-log-prob pass fills)
@@ -42,6 +43,8 @@ class MicroBatch:
     cols: torch.Tensor  # [n] position whose output predicts each target
     targets: torch.Tensor  # [n] the target token ids
     span: slice  # the targets' rows in the pass's columns
+    seqs: slice  # its sequences in the pass's
+    routes: torch.Tensor | None  # [B, L, layers, k] int16: each position's experts (expert_routes.py)
 
 
 @dataclass(frozen=True)
@@ -53,10 +56,18 @@ class Sequences:
     lengths: tuple[int, ...]  # host: each sequence's length
     starts: tuple[int, ...]  # host: S + 1 offsets; sequence s's targets are rows starts[s]:starts[s + 1]
     pad_id: int
+    routes: torch.Tensor | None = None  # [S, L, layers, k] int16, -1 unrecorded (expert_routes.py)
 
     @classmethod
-    def build(cls, prefixes: list[list[int]], responses: list[list[int]], pad_id: int) -> "Sequences":
-        """``prefix_i + response_i`` on the host; the responses' tokens are the targets."""
+    def build(
+        cls,
+        prefixes: list[list[int]],
+        responses: list[list[int]],
+        pad_id: int,
+        routes: list[torch.Tensor] | None = None,
+    ) -> "Sequences":
+        """``prefix_i + response_i`` on the host; the responses' tokens are the targets. ``routes``:
+        a MoE router's experts at each position of each sequence ([length, layers, k])."""
         if len(prefixes) != len(responses):
             raise ValueError(f"{len(prefixes)} prefixes but {len(responses)} responses")
         if not prefixes:
@@ -75,7 +86,16 @@ class Sequences:
             target += response
             starts.append(len(target))
         seq, col, target = (torch.tensor(v, dtype=torch.long) for v in (seq, col, target))
-        return cls(tokens, seq, col, target, tuple(lengths), tuple(starts), pad_id)
+        padded_routes = None
+        if routes is not None:
+            padded_routes = torch.full(
+                (len(lengths), max(lengths), *routes[0].shape[1:]), -1, dtype=torch.int16
+            )
+            for s, r in enumerate(routes):
+                if r.shape[0] != lengths[s]:
+                    raise ValueError(f"sequence {s}: routes for {r.shape[0]} positions, {lengths[s]} tokens")
+                padded_routes[s, : lengths[s]] = r
+        return cls(tokens, seq, col, target, tuple(lengths), tuple(starts), pad_id, padded_routes)
 
     @property
     def num_sequences(self) -> int:
@@ -105,13 +125,22 @@ class Sequences:
             # right padding: filler rows, and columns past the longest sequence (multiple > 1)
             pad = (0, seq_len - tokens.shape[1], 0, size - (b - a))
             tokens = torch.nn.functional.pad(tokens, pad, value=self.pad_id) if any(pad) else tokens
+            routes = None
+            if self.routes is not None:
+                routes = self.routes[a:b, :seq_len]
+                pad_routes = (0, 0, 0, 0, 0, seq_len - routes.shape[1], 0, size - (b - a))
+                routes = torch.nn.functional.pad(routes, pad_routes, value=-1) if any(pad_routes) else routes
             span = self.span(a, b)
             rows = self.seq[span] - a
-            out.append(MicroBatch(tokens, positions, rows, self.col[span], self.target[span], span))
+            out.append(
+                MicroBatch(
+                    tokens, positions, rows, self.col[span], self.target[span], span, slice(a, b), routes
+                )
+            )
         return out
 
     def to(self, device: torch.device) -> "Sequences":
-        return dataclasses.replace(self, **_moved(self, device, ("tokens", "seq", "col", "target")))
+        return dataclasses.replace(self, **_moved(self, device, ("tokens", "seq", "col", "target", "routes")))
 
 
 @dataclass(frozen=True)
@@ -144,11 +173,13 @@ class StepBatch:
         teacher_prefixes: dict[int, list[int]],
         topk: int,
         pad_id: int,
+        routes: list[torch.Tensor] | None = None,
     ) -> "StepBatch":
         """On the host. Per-rollout inputs are [R] (``rollout_logp``: R tensors of each response's
         length); ``teacher_prefixes``: rollout -> its teacher prompt, for those that need a teacher;
-        ``topk``: K, 0 for a variant without a teacher (no top-K or teacher columns)."""
-        student = Sequences.build(prompts, responses, pad_id)
+        ``topk``: K, 0 for a variant without a teacher (no top-K or teacher columns); ``routes``: the
+        student's expert routes (a MoE model's routing replay; the teacher routes live)."""
+        student = Sequences.build(prompts, responses, pad_id, routes)
         n = student.target.numel()
         lengths = torch.tensor([len(r) for r in responses])
 

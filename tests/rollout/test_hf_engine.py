@@ -188,3 +188,34 @@ def test_progress_reports_each_decode_batch():
     batch = batched.generate(PROMPTS, params, on_done=finished.append)
     assert finished == [4, 4, 1]
     assert len(batch) == 9
+
+
+def test_recorded_routes_are_the_routers_choices_of_a_plain_forward():
+    """``record_routes`` on a Qwen3-MoE with a dense layer: per position the experts its routers chose
+    in the left-padded, KV-cached decode equal those of one plain forward over prompt + response
+    (rows leaving the batch included); the response's last token, never read, is -1."""
+    from tiny_qwen3 import tiny_qwen3_moe_config
+    from transformers import Qwen3MoeForCausalLM
+
+    torch.manual_seed(0)
+    model = Qwen3MoeForCausalLM(tiny_qwen3_moe_config(num_hidden_layers=3, mlp_only_layers=[1])).eval()
+    engine = HFEngine(model, max_batch_size=4)
+    stop = tuple(range(200))
+    params = SamplingParams(n=3, max_new_tokens=5, stop_token_ids=stop, seed=0, record_routes=True)
+    batch = engine.generate(PROMPTS, params)
+    assert len({len(ids) for ids in batch.response_ids}) > 1
+    gates = [model.model.layers[i].mlp.gate for i in (0, 2)]
+    for prompt, response, routes in zip(
+        batch.prompt_ids, batch.response_ids, batch.routed_experts, strict=True
+    ):
+        assert routes.shape == (len(prompt) + len(response), 2, 2) and routes.dtype == torch.int16
+        chosen: list[torch.Tensor] = []
+        hooks = [g.register_forward_hook(lambda m, a, out, c=chosen: c.append(out[2])) for g in gates]
+        with torch.no_grad():
+            model(torch.tensor([prompt + response]))
+        for h in hooks:
+            h.remove()
+        reference = torch.stack(chosen, dim=1)  # [positions, layers, k], HF's own top-k
+        assert torch.equal(routes[:-1].sort(-1).values, reference[:-1].sort(-1).values.to(torch.int16))
+        assert (routes[-1] == -1).all()
+    assert engine.generate(PROMPTS, SamplingParams(n=1, max_new_tokens=2, seed=0)).routed_experts is None
