@@ -104,9 +104,11 @@ def read_spec(root: Path) -> dict:
     for route, class_name in sorted(
         _routes(ast.parse((srt / "entrypoints/http_server.py").read_text())).items()
     ):
-        if route == "generate":  # the contract gate's top-level fields when there is one
-            class_name = "GenerateRequest" if contract.exists() else class_name
-            fields = _fields(class_name, generate_classes)
+        if route == "generate" and contract.exists():
+            # the body is parsed into the route's io_struct class; the contract gate in front of it
+            # (api/v1/api_types.py GenerateRequest) checks the types of the keys it knows and lets
+            # the others through (0.5.23: return_routed_experts reaches GenerateReqInput)
+            fields = _fields("GenerateRequest", generate_classes) | _fields(class_name, classes)
         elif class_name in classes:
             fields = _fields(class_name, classes)
         else:  # no JSON body class: an info route, or one taking query parameters (flush_cache)

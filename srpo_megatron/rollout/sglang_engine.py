@@ -15,7 +15,9 @@ we use:
   ignored, unknown sampling parameters refused (400). Every request carries a ``sampling_seed``
   (``request_seed``); the server uses it only when it runs ``--enable-deterministic-inference``
   (``srt/sampling/sampling_batch_info.py``), otherwise it is ignored. With top_p < 1 the log-probs
-  are of the distribution before the top-p cut (the HF engine's after it): SRPO samples at top_p 1;
+  are of the distribution before the top-p cut (the HF engine's after it): SRPO samples at top_p 1.
+  With ``return_routed_experts=True`` (a server started ``--enable-return-routed-experts``) the
+  ``meta_info`` also holds each input position's experts (``parse_routed_experts``);
 - ``init_weights_update_group(master_address, master_port, rank_offset, world_size, group_name,
   backend)``, ``update_weights_from_distributed(names, dtypes, shapes, group_name, flush_cache,
   load_format)`` and ``destroy_weights_update_group(group_name)`` (disaggregated: one group per
@@ -153,6 +155,28 @@ def parse_output(output: dict[str, Any]) -> tuple[list[int], torch.Tensor, Finis
     return ids, logp, reason
 
 
+def parse_routed_experts(
+    output: dict[str, Any], prompt_len: int, response_len: int, num_layers: int, moe_layers, *, engine: str
+) -> torch.Tensor:
+    """A ``return_routed_experts`` result -> ``RolloutBatch.routed_experts``' [P + O, MoE layers, k]
+    int16. SGLang 0.5.23 (``srt/state_capturer/routed_experts.py``, ``batch_result_processor.py``):
+    base64 of int32 [P + O - 1, num_hidden_layers, k], row i the experts of input position i (the
+    last output token is never an input), every layer a slot (a dense layer's holds zeros)."""
+    encoded = output["meta_info"].get("routed_experts")
+    if encoded is None:
+        raise EngineError(
+            f"engine {engine!r} returned no routed experts: start it with --enable-return-routed-experts"
+        )
+    flat = torch.frombuffer(bytearray(base64.b64decode(encoded)), dtype=torch.int32)
+    rows = prompt_len + response_len - 1
+    if not num_layers or flat.numel() % (rows * num_layers):
+        raise EngineError(
+            f"engine {engine!r}: {flat.numel()} routed-expert ids for {rows} positions x {num_layers} layers"
+        )
+    routes = flat.view(rows, num_layers, -1)[:, list(moe_layers)].to(torch.int16)
+    return torch.cat([routes, torch.full_like(routes[:1], -1)])
+
+
 class SGLangHTTPClient:
     """SGLang's control and generate routes as Python methods (POST, JSON bodies)."""
 
@@ -260,20 +284,28 @@ class SGLangEngine:
         name: str = "sglang",
         timeout_s: float = 600.0,
         log_path: Path | None = None,
+        layers: tuple[int, tuple[int, ...]] = (0, ()),
     ):
         self.client = client
         self.world_size = tp_size
         self.name = name
         self.timeout_s = timeout_s
         self.log_path = log_path  # a launched server's: named in errors
+        self.layers = layers  # the model's (num_hidden_layers, MoE layers): to read routed experts
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{name}-calls")
 
     @classmethod
     def connect(
-        cls, url: str, *, tp_size: int = 1, timeout_s: float = 600.0, log_path: Path | None = None
+        cls,
+        url: str,
+        *,
+        tp_size: int = 1,
+        timeout_s: float = 600.0,
+        log_path: Path | None = None,
+        layers: tuple[int, tuple[int, ...]] = (0, ()),
     ) -> "SGLangEngine":
         client = SGLangHTTPClient(url, tp_size=tp_size, timeout_s=timeout_s)
-        return cls(client, tp_size=tp_size, name=url, timeout_s=timeout_s, log_path=log_path)
+        return cls(client, tp_size=tp_size, name=url, timeout_s=timeout_s, log_path=log_path, layers=layers)
 
     # -- calls ---------------------------------------------------------------------------------
     def submit(self, method: str, **kwargs: Any) -> Future:
@@ -320,7 +352,10 @@ class SGLangEngine:
             for i in range(len(prompt_ids))
             for k in range(params.n)
         ]
-        outputs = self.call("generate", input_ids=inputs, sampling_params=sampling, return_logprob=True)
+        routes = {"return_routed_experts": True} if params.record_routes else {}
+        outputs = self.call(
+            "generate", input_ids=inputs, sampling_params=sampling, return_logprob=True, **routes
+        )
         if isinstance(outputs, dict):  # one request, or an error ({"error": ...} / {"success": false, ...})
             if "meta_info" not in outputs:
                 raise EngineError(f"engine {self.name!r}: generate failed: {outputs}")
@@ -330,12 +365,19 @@ class SGLangEngine:
                 f"engine {self.name!r} returned {len(outputs)} outputs for {len(inputs)} requests"
             )
         parsed = [parse_output(o) for o in outputs]
+        routed = None
+        if params.record_routes:
+            routed = [
+                parse_routed_experts(o, len(prompt), len(p[0]), *self.layers, engine=self.name)
+                for o, prompt, p in zip(outputs, inputs, parsed, strict=True)
+            ]
         return RolloutBatch(
             prompt_index=prompt_index,
             prompt_ids=inputs,
             response_ids=[p[0] for p in parsed],
             rollout_logp=[p[1] for p in parsed],
             finish_reasons=[p[2] for p in parsed],
+            routed_experts=routed,
         )
 
     def update_weights_serialized(self, payloads: Sequence[str]) -> None:

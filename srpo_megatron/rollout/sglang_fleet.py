@@ -43,6 +43,7 @@ class SGLangFleet:
         colocated: bool,
         servers: Sequence[ServerProcess] = (),
         deterministic: bool = False,
+        routed_experts: bool = False,
     ):
         if not engines:
             raise ValueError("SGLangFleet needs at least one engine")
@@ -50,6 +51,7 @@ class SGLangFleet:
         self.colocated = colocated
         self.servers = list(servers)
         self.deterministic = deterministic
+        self.routed_experts = routed_experts
         self._released: set[str] = set()
         self._pool = ThreadPoolExecutor(max_workers=len(self.engines), thread_name_prefix="fleet")
 
@@ -67,7 +69,8 @@ class SGLangFleet:
         SGLang's release_memory_occupation succeeds and frees nothing (colocated training would
         then run out of GPU memory, or share it with a full engine; a CPU server, which has none
         to free and cannot run the memory saver, is not asked for it), and without deterministic
-        inference it ignores the requests' sampling seeds (resumed runs would sample otherwise)."""
+        inference it ignores the requests' sampling seeds (resumed runs would sample otherwise), and
+        without the routed-experts capture it returns no routes for routing replay."""
         info = engine.server_info()
         needed = [("tp_size", engine.world_size, f"--tp-size {engine.world_size}", "rollout.engine_tp")]
         if self.colocated and info.get("device") != "cpu":  # a CPU server has no GPU memory to free
@@ -79,6 +82,15 @@ class SGLangFleet:
                     True,
                     "--enable-deterministic-inference",
                     "rollout.deterministic",
+                )
+            )
+        if self.routed_experts:
+            needed.append(
+                (
+                    "enable_return_routed_experts",
+                    True,
+                    "--enable-return-routed-experts",
+                    "algorithm.routing_replay=rollout",
                 )
             )
         for key, want, flag, why in needed:
@@ -116,6 +128,9 @@ class SGLangFleet:
             response_ids=[r for _, part in parts for r in part.response_ids],
             rollout_logp=[lp for _, part in parts for lp in part.rollout_logp],
             finish_reasons=[f for _, part in parts for f in part.finish_reasons],
+            routed_experts=[r for _, part in parts for r in part.routed_experts]
+            if params.record_routes
+            else None,
         )
 
     # -- weights ---------------------------------------------------------------------------------

@@ -15,8 +15,8 @@ On a machine without CUDA the server runs on the CPU (``ServerSpec(device="cpu")
 engine (``SGLANG_USE_CPU_ENGINE=1``) with plain-torch attention and sampling, no CUDA graphs, a
 KV cache of ``CPU_MAX_TOTAL_TOKENS`` (SGLang would size it from the machine's RAM otherwise), a
 scheduler that sleeps when idle instead of spinning on a core the trainer needs, and
-``sglang_cpu/`` first on its ``PYTHONPATH``: two work-arounds for the CUDA build of PyPI's torch
-and sgl_kernel, each file naming what it works around. ``python``: the interpreter of an
+``sglang_cpu/`` first on its ``PYTHONPATH``: work-arounds for the CUDA builds of PyPI's torch, sgl_kernel
+and SGLang's host memory, each file naming what it works around. ``python``: the interpreter of an
 environment that has sglang (it pins its own transformers; ``scripts/install.sh --sglang`` makes
 ``.venv-sglang``).
 """
@@ -63,6 +63,8 @@ class ServerSpec:
     """``--enable-deterministic-inference``: batch-invariant kernels, and the only mode in which
     SGLang samples with each request's ``sampling_seed``."""
     dtype: str = "bfloat16"
+    routed_experts: bool = False
+    """``--enable-return-routed-experts``: requests may ask for each token's experts (routing replay)."""
     extra_args: tuple[str, ...] = ()
     """Further ``launch_server`` flags, as given (e.g. ``("--cuda-graph-backend-decode=disabled",)``)."""
     module: str = "sglang.launch_server"
@@ -91,6 +93,8 @@ class ServerSpec:
             cmd.append("--enable-memory-saver")
         if self.deterministic:
             cmd.append("--enable-deterministic-inference")
+        if self.routed_experts:
+            cmd.append("--enable-return-routed-experts")
         if self.device == "cpu":
             cmd += CPU_FLAGS
         return cmd + list(self.extra_args)  # last: a flag given twice takes its last value

@@ -12,8 +12,10 @@ A spec is ``{"version": str, "routes": {route: {"class": str | None, "fields": [
 reads no JSON body.
 """
 
+import base64
 from typing import Any
 
+import numpy as np
 import torch
 
 from srpo_megatron.rollout.engine import SamplingParams
@@ -34,6 +36,8 @@ class _RecordingClient(SGLangHTTPClient):
         if route == "generate":
             n = len(payload["input_ids"])
             meta = {"output_token_logprobs": [[-0.1, 7, None]], "finish_reason": {"type": "stop"}}
+            if payload.get("return_routed_experts"):  # 2 prompt tokens + 1 output - 1 rows, 1 layer, k 2
+                meta["routed_experts"] = base64.b64encode(np.zeros(4, dtype=np.int32).tobytes()).decode()
             return [{"output_ids": [7], "meta_info": meta}] * n
         return {"success": True, "message": ""}
 
@@ -41,9 +45,10 @@ class _RecordingClient(SGLangHTTPClient):
 def project_payloads() -> dict[str, list[dict[str, Any]]]:
     """The JSON bodies this project's SGLang adapter posts, by route, from one call of each kind."""
     client = _RecordingClient()
-    engine = SGLangEngine(client, name="recording")
+    engine = SGLangEngine(client, name="recording", layers=(1, (0,)))
     try:
         engine.generate([[1, 2]], SamplingParams(n=2, max_new_tokens=4, stop_token_ids=(7,), seed=0))
+        engine.generate([[1, 2]], SamplingParams(max_new_tokens=4, seed=0, record_routes=True))
         engine.request_join(
             master_address="127.0.0.1",
             master_port=29600,

@@ -42,6 +42,7 @@ from srpo_megatron.models.qwen3.config import Qwen3Arch
 from srpo_megatron.models.qwen3.loader import load_hf_weights
 from srpo_megatron.models.qwen3.provider import build_qwen3_model
 from srpo_megatron.ops.token_stats import TokenStats, vocab_parallel_token_stats
+from srpo_megatron.runtime.distributed import get_device
 from srpo_megatron.trainer.expert_routes import RoutePass, RouteReplay
 from srpo_megatron.trainer.step_batch import MicroBatch, Sequences
 from srpo_megatron.trainer.teacher import EmaTeacher
@@ -227,15 +228,34 @@ class MegatronActor:
 
     def micro_batches(self, seqs: Sequences, first: int = 0, last: int | None = None) -> list[MicroBatch]:
         """Sequences [first, last) of ``seqs`` as the micro-batches of one pass (``train.micro_batch_tokens``
-        each; a multiple of TP long under sequence parallelism)."""
+        each; a multiple of TP long under sequence parallelism).
+
+        Under expert parallelism the data-parallel ranks run every forward step together (the token
+        dispatcher's collectives), so they agree first (one collective of two numbers) on the
+        longest sequence and the number of sequences: the same number of micro-batches of one
+        shape everywhere, filler ones where a rank has fewer sequences (the teacher's pass). A pass
+        no rank has sequences for has no micro-batch.
+        """
         from megatron.core import parallel_state
 
+        last = seqs.num_sequences if last is None else last
+        longest, count = max(seqs.lengths[first:last], default=0), last - first
+        if self.cfg.model.ep > 1:
+            plan = torch.tensor([longest, count], device=get_device())
+            torch.distributed.all_reduce(
+                plan, op=torch.distributed.ReduceOp.MAX, group=parallel_state.get_data_parallel_group()
+            )
+            longest, count = plan.tolist()
+        if count == 0:
+            return []
         tp = parallel_state.get_tensor_model_parallel_world_size()
         return seqs.micro_batches(
             first,
-            seqs.num_sequences if last is None else last,
+            last,
             token_budget=self.cfg.train.micro_batch_tokens,
             multiple=tp if self.cfg.model.sequence_parallel else 1,
+            longest=longest,
+            count=count,
         )
 
     def _run(

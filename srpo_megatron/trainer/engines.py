@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from srpo_megatron.config import Config
 from srpo_megatron.errors import UserError
+from srpo_megatron.models.qwen3.config import Qwen3Arch, load_hf_config
 from srpo_megatron.rollout.engine import RolloutEngine
 from srpo_megatron.rollout.hf_engine import HFEngine
 from srpo_megatron.rollout.sglang_engine import SGLangEngine
@@ -105,12 +106,23 @@ def _start_sglang(cfg: Config) -> tuple[SGLangFleet, list[str]]:
             wait_until_healthy(servers, r.startup_timeout_s)
             urls = [s.url for s in servers]
         logs = [s.log_path for s in servers] or [None] * len(urls)
+        arch = Qwen3Arch.from_hf(load_hf_config(cfg.model.hf_dir))
         engines = [
-            SGLangEngine.connect(u, tp_size=r.engine_tp, timeout_s=r.call_timeout_s, log_path=log)
+            SGLangEngine.connect(
+                u,
+                tp_size=r.engine_tp,
+                timeout_s=r.call_timeout_s,
+                log_path=log,
+                layers=(arch.num_layers, arch.moe_layers),
+            )
             for u, log in zip(urls, logs, strict=True)
         ]
         fleet = SGLangFleet(
-            engines, colocated=r.mode == "colocated", servers=servers, deterministic=r.deterministic
+            engines,
+            colocated=r.mode == "colocated",
+            servers=servers,
+            deterministic=r.deterministic,
+            routed_experts=cfg.algorithm.routing_replay == "rollout",
         )
         fleet.connect()
     except BaseException:
@@ -175,6 +187,7 @@ def _server_specs(cfg: Config):
             mem_fraction=r.mem_fraction,
             memory_saver=r.mode == "colocated" and on_gpus,  # torch_memory_saver needs libcuda
             deterministic=r.deterministic,
+            routed_experts=cfg.algorithm.routing_replay == "rollout",
             dtype=cfg.model.dtype,
             extra_args=tuple(r.server_args),
             module=r.server_module,

@@ -30,7 +30,7 @@ from srpo_megatron.rollout.engine import RolloutBatch, SamplingParams
 from srpo_megatron.runtime.distributed import from_rank_0
 from srpo_megatron.trainer.actor import MegatronActor
 from srpo_megatron.trainer.expert_routes import RoutePass
-from srpo_megatron.trainer.step_batch import StepBatch
+from srpo_megatron.trainer.step_batch import Sequences, StepBatch
 
 
 def generate_rollouts(engine, cfg: Config, tokenizer, rows, *, seed: int) -> RolloutBatch:
@@ -176,10 +176,14 @@ def compute_old_logp(
 def compute_teacher_stats(actor: MegatronActor, step: StepBatch) -> None:
     """The EMA teacher's forward pass on [teacher prompt ; response] of the rollouts that need it,
     at the student's top-K ids (``compute_old_logp`` first); into the step batch's teacher columns."""
-    if step.teacher is None:
+    teacher, teacher_rows = step.teacher, step.teacher_rows
+    if teacher is None:  # none here; under expert parallelism other ranks may have some
+        teacher = Sequences.empty(step.student.pad_id, step.old_logp.device)
+        teacher_rows = torch.zeros(0, dtype=torch.long, device=step.old_logp.device)
+    mbs = actor.micro_batches(teacher)
+    if not mbs:
         return
-    mbs = actor.micro_batches(step.teacher)
-    rows = [step.teacher_rows[mb.span] for mb in mbs]
+    rows = [teacher_rows[mb.span] for mb in mbs]
     stats = actor.forward(mbs, teacher=True, gather_ids=[step.topk_ids[r] for r in rows], want_entropy=True)
     for r, s in zip(rows, stats or [], strict=False):  # None off the last stage
         step.teacher_topk_logp[r] = s.gathered_logp

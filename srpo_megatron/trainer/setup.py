@@ -50,6 +50,12 @@ def load_model_config(cfg: Config) -> dict:
             "config: a mixture-of-experts model at model.tp > 1 needs model.sequence_parallel=true "
             "(Megatron's MoE layer trains only so)"
         )
+    if arch.is_moe and arch.tie_word_embeddings and cfg.rollout.engine == "sglang":
+        raise UserError(
+            f"config: model.hf_dir={cfg.model.hf_dir} is a Qwen3-MoE with tied embeddings, which SGLang "
+            "0.5.23 cannot serve: its Qwen3MoeForCausalLM never ties lm_head (srt/models/qwen3_moe.py) "
+            "and leaves it unloaded. Untie it (write lm_head.weight) or use rollout.engine=hf"
+        )
     if cfg.algorithm.routing_replay != "none" and not arch.is_moe:
         raise UserError(
             f"config: algorithm.routing_replay={cfg.algorithm.routing_replay} replays a mixture-of-experts "

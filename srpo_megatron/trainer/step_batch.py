@@ -97,6 +97,13 @@ class Sequences:
                 padded_routes[s, : lengths[s]] = r
         return cls(tokens, seq, col, target, tuple(lengths), tuple(starts), pad_id, padded_routes)
 
+    @classmethod
+    def empty(cls, pad_id: int, device: torch.device) -> "Sequences":
+        """No sequence: this rank's part in a pass that other ranks run (``micro_batches`` with their
+        ``longest`` and ``count`` gives it filler micro-batches)."""
+        none = torch.zeros(0, dtype=torch.long, device=device)
+        return cls(torch.zeros((0, 0), dtype=torch.long, device=device), none, none, none, (), (0,), pad_id)
+
     @property
     def num_sequences(self) -> int:
         return len(self.lengths)
@@ -106,30 +113,42 @@ class Sequences:
         return slice(self.starts[first], self.starts[last])
 
     def micro_batches(
-        self, first: int, last: int, *, token_budget: int, multiple: int = 1
+        self,
+        first: int,
+        last: int,
+        *,
+        token_budget: int,
+        multiple: int = 1,
+        longest: int | None = None,
+        count: int | None = None,
     ) -> list[MicroBatch]:
         """Sequences [first, last) as micro-batches of one shape: as many sequences of the longest
         one's length as fit the token budget (at least one), padded to a multiple of ``multiple``
-        (sequence parallelism splits the sequence evenly over tensor-parallel ranks)."""
-        if not 0 <= first < last <= self.num_sequences:
+        (sequence parallelism splits the sequence evenly over tensor-parallel ranks).
+
+        ``longest`` / ``count``: plan for that longest sequence and that many sequences instead
+        (at least this range's), so that ranks whose ranges differ run the same number of
+        micro-batches of the same shape; micro-batches past ``last`` are filler (no target).
+        """
+        if not 0 <= first <= last <= self.num_sequences:
             raise ValueError(f"sequences [{first}, {last}) of {self.num_sequences}")
-        longest = max(self.lengths[first:last])
-        size = max(1, min(last - first, token_budget // longest))
+        longest = max([longest or 0, *self.lengths[first:last]])
+        count = max(count or 0, last - first)
+        if count == 0:
+            raise ValueError(f"no sequences in [{first}, {last})")
+        size = max(1, min(count, token_budget // longest))
         seq_len = -(-longest // multiple) * multiple
         device = self.tokens.device
         positions = torch.arange(seq_len, device=device).expand(size, seq_len)
         out = []
-        for a in range(first, last, size):
-            b = min(a + size, last)
-            tokens = self.tokens[a:b, :seq_len]
-            # right padding: filler rows, and columns past the longest sequence (multiple > 1)
-            pad = (0, seq_len - tokens.shape[1], 0, size - (b - a))
-            tokens = torch.nn.functional.pad(tokens, pad, value=self.pad_id) if any(pad) else tokens
+        for start in range(first, first + count, size):
+            a, b = min(start, last), min(start + size, last)
+            # right padding: filler rows, and columns past the sequences' own
+            pad = (0, seq_len - min(seq_len, self.tokens.shape[1]), 0, size - (b - a))
+            tokens = _padded(self.tokens[a:b, :seq_len], pad, self.pad_id)
             routes = None
             if self.routes is not None:
-                routes = self.routes[a:b, :seq_len]
-                pad_routes = (0, 0, 0, 0, 0, seq_len - routes.shape[1], 0, size - (b - a))
-                routes = torch.nn.functional.pad(routes, pad_routes, value=-1) if any(pad_routes) else routes
+                routes = _padded(self.routes[a:b, :seq_len], (0, 0, 0, 0, *pad), -1)
             span = self.span(a, b)
             rows = self.seq[span] - a
             out.append(
@@ -235,6 +254,10 @@ class StepBatch:
             teacher_entropy=token(self.teacher_entropy),
             teacher_logp=token(self.teacher_logp),
         )
+
+
+def _padded(x: torch.Tensor, pad: tuple[int, ...], value: int) -> torch.Tensor:
+    return torch.nn.functional.pad(x, pad, value=value) if any(pad) else x
 
 
 def _moved(obj, device: torch.device, names) -> dict[str, torch.Tensor]:

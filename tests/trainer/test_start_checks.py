@@ -59,6 +59,14 @@ ROW = {
             r"model.ep=2 do not fit \S*: EP size 2 needs a mixture-of-experts model",
         ),
         (
+            lambda tmp: ["algorithm.routing_replay=rollout"],
+            r"algorithm.routing_replay=rollout replays a mixture-of-experts router; \S* is a dense qwen3",
+        ),
+        (
+            lambda tmp: ["algorithm.routing_replay=always"],
+            r"algorithm.routing_replay: Invalid value 'always', expected one of \['none', 'rollout', 'old'\]",
+        ),
+        (
             lambda tmp: ["train.prompts_per_step=64", "train.mini_batch_prompts=64"],
             r"train.prompts_per_step=64, but data.train_files hold 16 usable",
         ),
@@ -137,3 +145,12 @@ def test_start_over_is_refused_where_a_run_is(tmp_path):
         UserError, match="ckpt.resume=none, but .* holds a run .*metrics.jsonl.*ckpt.resume=auto"
     ):
         refuse_to_start_over(tmp_path, root)
+
+
+def test_a_tied_moe_model_is_refused_for_sglang(tiny_run_inputs, tmp_path):
+    """SGLang 0.5.23's Qwen3MoeForCausalLM never ties lm_head: it would serve an unloaded one."""
+    config = json.loads((tiny_run_inputs / "moe" / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    overrides = [f"model.hf_dir={tmp_path}", f"model.tokenizer_dir={tiny_run_inputs / 'moe'}", "model.tp=1"]
+    with pytest.raises(UserError, match="tied embeddings, which SGLang 0.5.23 cannot serve"):
+        load_run_inputs(_cfg(tiny_run_inputs, *overrides, "rollout.engine=sglang"))

@@ -79,5 +79,29 @@ def test_bad_input_is_refused():
         Sequences.build([[]], [[1]], pad_id=0)
     with pytest.raises(ValueError, match="2 prefixes but 1"):
         Sequences.build([[1], [2]], [[1]], pad_id=0)
-    with pytest.raises(ValueError, match=r"sequences \[1, 1\) of 1"):
+    with pytest.raises(ValueError, match=r"no sequences in \[1, 1\)"):
         Sequences.build([[1]], [[1]], pad_id=0).micro_batches(1, 1, token_budget=8)
+    with pytest.raises(ValueError, match=r"sequences \[0, 2\) of 1"):
+        Sequences.build([[1]], [[1]], pad_id=0).micro_batches(0, 2, token_budget=8)
+
+
+def test_an_agreed_plan_gives_the_same_micro_batches_with_fillers():
+    """Expert-parallel ranks plan for the longest sequence and the most sequences of any rank: a rank
+    with fewer or shorter ones gets micro-batches of the same shape, filler ones (no target) last."""
+    routes = [torch.full((n, 2, 1), i, dtype=torch.int16) for i, n in enumerate((3, 4))]
+    seqs = Sequences.build([[1, 2], [3]], [[4], [5, 6, 7]], pad_id=0, routes=routes)
+    mbs = seqs.micro_batches(0, 2, token_budget=12, longest=6, count=5)  # 2 rows of 6: 3 micro-batches
+    assert [tuple(m.tokens.shape) for m in mbs] == [(2, 6)] * 3
+    assert mbs[0].tokens.tolist() == [[1, 2, 4, 0, 0, 0], [3, 5, 6, 7, 0, 0]]
+    assert (
+        mbs[0].routes.shape == (2, 6, 2, 1)
+        and mbs[0].routes[1, :4].eq(1).all()
+        and mbs[0].routes[:, 4:].eq(-1).all()
+    )
+    for filler in mbs[1:]:
+        assert filler.tokens.eq(0).all() and filler.targets.numel() == 0 and filler.routes.eq(-1).all()
+        assert filler.span == slice(4, 4) and filler.seqs == slice(2, 2)
+    (none,) = Sequences.empty(pad_id=7, device=torch.device("cpu")).micro_batches(
+        0, 0, token_budget=8, longest=3, count=1
+    )
+    assert none.tokens.tolist() == [[7, 7, 7]] and none.targets.numel() == 0 and none.routes is None

@@ -41,3 +41,65 @@ def test_two_steps_at_expert_parallelism_2(tiny_run_inputs, tmp_path):
     for r in records:
         assert math.isfinite(r["loss"]) and r["logp_gap_max"] < 1e-4  # the engine holds the actor's weights
         assert r["moe/load_balancing_loss"] > 0 and r["moe/z_loss"] > 0
+
+
+def _unequal_passes_in_ranks(overrides: list[str]):
+    """Rank 0 has teacher sequences, rank 1 none (and their sequences differ in length): both run the
+    teacher's pass together (filler micro-batches on rank 1). Returns rank 0's teacher entropies."""
+    import torch
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+    from tiny_training import parity_reward
+
+    from srpo_megatron.algorithms import compute_group_advantages, route_rollouts
+    from srpo_megatron.config import load_config
+    from srpo_megatron.trainer import loop, rollouts, setup
+    from srpo_megatron.trainer.engines import start_engine
+
+    rollouts.get_reward_fn = parity_reward
+    cfg = load_config(["configs/tiny_cpu.yaml"], overrides)
+    setup.start_distributed(cfg)
+    hf_config, tokenizer, dataset = setup.load_run_inputs(cfg)
+    run = setup.build_run(cfg, hf_config, tokenizer, dataset, *start_engine(cfg, tokenizer))
+    rows, batch, _ = run.rollouts.take(1)
+    dp_group = ps.get_data_parallel_group()
+    mine = loop._my_share(len(batch), dist.get_world_size(dp_group), dist.get_rank(dp_group))
+    rewards, _ = rollouts.compute_rewards(batch, rows, tokenizer, cfg.reward.tool_use_parser)
+    group_ids = torch.tensor(batch.prompt_index)
+    routing = route_rollouts(rewards, group_ids, cfg.algorithm, generator=run.rng.routing)
+    advantages = compute_group_advantages(rewards, group_ids)
+    needs = mine[:3] if dist.get_rank() == 0 else []
+    siblings = torch.arange(len(batch))
+    prefixes = rollouts.teacher_prefixes(batch, needs, siblings, tokenizer, rows, 256)
+    step = rollouts.build_step_batch(
+        batch, mine, routing, advantages, cfg.algorithm, dict(zip(needs, prefixes, strict=True)),
+        pad_id=0, device=torch.device("cpu"),
+    )  # fmt: skip
+    rollouts.compute_old_logp(run.actor, step)
+    rollouts.compute_teacher_stats(run.actor, step)
+    return None if step.teacher is None else step.teacher_entropy[step.teacher_rows]
+
+
+def test_expert_parallel_ranks_run_unequal_passes_together(tiny_run_inputs, tmp_path):
+    """Without the agreed micro-batch plan rank 1 would skip the teacher's pass and rank 0 wait in
+    its first token dispatch for good."""
+    overrides = [
+        f"model.hf_dir={tiny_run_inputs / 'moe'}",
+        "model.tp=1",
+        "model.ep=2",
+        f"data.train_files=[{tiny_run_inputs / 'train.parquet'}]",
+        "data.test_files=[]",
+        "train.prompts_per_step=4",
+        "train.mini_batch_prompts=4",
+        "train.micro_batch_tokens=64",
+        "rollout.n=4",
+        "rollout.max_new_tokens=6",
+        "algorithm.topk=8",
+        f"log.output_dir={tmp_path}",
+        "log.tensorboard=false",
+    ]
+    entropy, nothing = run_distributed(
+        _unequal_passes_in_ranks, world_size=2, megatron=False, args=(overrides,), timeout=300
+    )
+    assert nothing is None
+    assert entropy.numel() > 0 and bool((entropy > 0).all())

@@ -145,6 +145,37 @@ def test_colocated_engine_launched_on_the_cpu_takes_weights_in_shared_memory(
     assert routes == [release, *sync, "generate", release, *sync, "generate", release, *sync]
 
 
+@pytest.mark.sglang
+def test_moe_at_expert_parallelism_2_replays_the_routes_sglang_returned(
+    tiny_run_inputs, tmp_path, sglang_python
+):
+    """The tiny Qwen3-MoE at EP=2 (2 gloo ranks, 4 experts each) with ``routing_replay=rollout``: the
+    trainer launches a CPU server with ``--enable-return-routed-experts`` and broadcasts the
+    EP-sharded experts into it per expert, in buckets; the old-log-prob and training passes replay
+    the experts SGLang returned. fp32 on both sides: Megatron's live router makes the decisions
+    SGLang recorded (``moe/route_flip``), and the log-probs agree."""
+    overrides = _overrides(
+        tiny_run_inputs,
+        tmp_path,
+        f"model.hf_dir={tiny_run_inputs / 'moe'}",
+        "model.tp=1",
+        "model.ep=2",
+        "algorithm.routing_replay=rollout",
+        "rollout.mode=disaggregated",
+        f"rollout.server_python={sglang_python}",
+    )
+    run_distributed(train_with_sglang_in_ranks, world_size=2, megatron=False, args=(overrides,), timeout=900)
+    records = _records(tmp_path)
+    assert sorted(records) == [1, 2]
+    for r in records.values():
+        assert r["moe/route_flip"] < 0.01  # a near-tie may round the other way
+        assert r["logp_gap_mean"] < GAP_MAX and r["logp_gap_max"] < 10 * GAP_MAX
+        assert r["sync/bytes"] > 0
+    log = ServerLog(_launched_log(tmp_path))
+    assert "'enable_return_routed_experts': True" in log.text()
+    assert log.routes().count("update_weights_from_distributed") >= 3 * 2  # buckets per sync
+
+
 def _hf_logp(hf_dir, prompt_ids, response_ids) -> torch.Tensor:
     from transformers import AutoModelForCausalLM
 

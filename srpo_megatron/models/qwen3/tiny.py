@@ -25,8 +25,9 @@ class TinyQwen3Config:
 @dataclass
 class TinyQwen3MoeConfig(TinyQwen3Config):
     """Shape of the tiny Qwen3-MoE: every layer sparse (as Qwen3-30B-A3B), 8 experts of 64 hidden
-    units, top-2 renormalised (``norm_topk_prob``, as Qwen3-30B-A3B). 8 experts split evenly over
-    EP = 1, 2, 4 or 8."""
+    units, top-2 renormalised (``norm_topk_prob``, as Qwen3-30B-A3B), an output layer of its own
+    (untied, as Qwen3-30B-A3B; SGLang 0.5.23 cannot serve a tied Qwen3-MoE). 8 experts split evenly
+    over EP = 1, 2, 4 or 8."""
 
     num_experts: int = 8
     num_experts_per_tok: int = 2
@@ -37,7 +38,7 @@ class TinyQwen3MoeConfig(TinyQwen3Config):
 
 def build_tiny_qwen3(tokenizer, seed: int, config: TinyQwen3Config | None = None):
     """A randomly initialised fp32 HF Qwen3ForCausalLM with tied embeddings (same seed -> same
-    weights); a Qwen3MoeForCausalLM when ``config`` is a ``TinyQwen3MoeConfig``."""
+    weights); a Qwen3MoeForCausalLM, untied, when ``config`` is a ``TinyQwen3MoeConfig``."""
     from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
     config = config or TinyQwen3Config()
@@ -49,7 +50,7 @@ def build_tiny_qwen3(tokenizer, seed: int, config: TinyQwen3Config | None = None
     )
     hf_config = config_class(
         **vars(config),
-        tie_word_embeddings=True,
+        tie_word_embeddings=not is_moe,
         bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
         eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
         pad_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),

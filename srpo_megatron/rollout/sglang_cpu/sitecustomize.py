@@ -9,6 +9,12 @@ build's accelerator, ``torch.cuda`` in PyPI's CUDA build even where no GPU exist
 once torch is imported, a call without a device gets ``torch.cpu`` when CUDA is not available;
 every call naming a device is torch's own. (Patched when torch is imported, not here: the
 server's helper processes that never import torch stay small.)
+
+sglang 0.5.23's routed-experts capture (``--enable-return-routed-experts``) keeps its host buffer
+pinned: ``state_capturer/base.py`` allocates it with ``ALLOC_MEMORY_FUNCS["cpu"]``
+(``mem_cache/pool_host/common.py``), which registers the memory with ``cudaHostRegister`` through
+``torch.cuda.cudart()`` and raises without a driver. Here, when that module is imported without
+CUDA, its "cpu" entry allocates plain host memory (pinning only speeds up copies to a GPU).
 """
 
 import importlib.abc
@@ -17,28 +23,51 @@ import os
 import sys
 
 
-def _patch(torch) -> None:
+def _patch_torch(torch) -> None:
     if torch.cuda.is_available():
         return
     get_device_module = torch.get_device_module
     torch.get_device_module = lambda device=None: torch.cpu if device is None else get_device_module(device)
 
 
-class _PatchTorchOnImport(importlib.abc.MetaPathFinder):
+def _patch_host_alloc(common) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        return
+
+    def allocate(dims, dtype, device, pin_memory, allocator, registration_granularity_bytes=None):
+        return allocator.allocate(dims, dtype=dtype, device=device)
+
+    common.ALLOC_MEMORY_FUNCS["cpu"] = allocate
+
+
+_PATCHES = {"torch": _patch_torch, "sglang.srt.mem_cache.pool_host.common": _patch_host_alloc}
+
+
+class _PatchOnImport(importlib.abc.MetaPathFinder):
+    """Runs the patch of a module of ``_PATCHES`` right after the module's own code."""
+
+    def __init__(self):
+        self._finding: set[str] = set()
+
     def find_spec(self, name, path, target=None):
-        if name != "torch":
+        if name not in _PATCHES or name in self._finding:
             return None
-        sys.meta_path.remove(self)  # once, and not while finding torch's own spec below
-        spec = importlib.util.find_spec(name)
+        self._finding.add(name)  # not while finding the module's own spec below
+        try:
+            spec = importlib.util.find_spec(name)
+        finally:
+            self._finding.discard(name)
         exec_module = spec.loader.exec_module
 
         def exec_and_patch(module):
             exec_module(module)
-            _patch(module)
+            _PATCHES[name](module)
 
         spec.loader.exec_module = exec_and_patch
         return spec
 
 
 if os.environ.get("SGLANG_USE_CPU_ENGINE") == "1":
-    sys.meta_path.insert(0, _PatchTorchOnImport())
+    sys.meta_path.insert(0, _PatchOnImport())
