@@ -8,12 +8,11 @@ from every data-parallel rank's optimizer shard), and the EMA teacher's compute 
 
 import torch
 import torch.distributed as dist
-from tiny_training import parity_reward
+from tiny_training import build_tiny_run
 
 from srpo_megatron.config import load_config
-from srpo_megatron.trainer import loop, rollouts, setup
+from srpo_megatron.trainer import loop
 from srpo_megatron.trainer.checkpoint import Checkpointer
-from srpo_megatron.trainer.engines import start_engine
 from srpo_megatron.trainer.teacher import iter_main_shards
 
 
@@ -36,14 +35,9 @@ def _gather_full(actor, pick) -> dict[str, torch.Tensor]:
 
 
 def train_steps_in_ranks(overrides: list[str], steps: int):
-    rollouts.get_reward_fn = parity_reward
-    cfg = load_config(["configs/tiny_cpu.yaml"], overrides)
-    setup.start_distributed(cfg)
-    hf_config, tokenizer, dataset = setup.load_run_inputs(cfg)
-    run = setup.build_run(cfg, hf_config, tokenizer, dataset, *start_engine(cfg, tokenizer))
+    run = build_tiny_run(overrides)
     actor = run.actor
     initial = {n: p.detach().clone() for n, p in actor.student.named_parameters()}
-    run.weight_sync.sync(actor.student, run.hf_config)
     out = {"initial": initial, "metrics": [], "main": [], "teacher": []}
     for step in range(1, steps + 1):
         out["metrics"].append(loop.train_step(run, step))

@@ -14,7 +14,7 @@ import dataclasses
 
 import pytest
 import torch
-from tiny_training import parity_reward
+from tiny_training import build_tiny_run, first_step_rollouts
 
 from srpo_megatron.runtime.launch import run_distributed
 
@@ -93,29 +93,14 @@ def _hf_forced(hf_dir: str, batch, routes: list[torch.Tensor]) -> tuple[torch.Te
 
 
 def _replay_in_ranks(overrides: list[str], train: bool):
-    import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    from srpo_megatron.algorithms import compute_group_advantages, route_rollouts
-    from srpo_megatron.config import load_config
     from srpo_megatron.models.qwen3.config import Qwen3Arch
-    from srpo_megatron.trainer import loop, rollouts, setup
-    from srpo_megatron.trainer.engines import start_engine
+    from srpo_megatron.trainer import loop, rollouts
 
-    rollouts.get_reward_fn = parity_reward
-    cfg = load_config(["configs/tiny_cpu.yaml"], overrides)
-    setup.start_distributed(cfg)
-    hf_config, tokenizer, dataset = setup.load_run_inputs(cfg)
-    run = setup.build_run(cfg, hf_config, tokenizer, dataset, *start_engine(cfg, tokenizer))
-    run.weight_sync.sync(run.actor.student, run.hf_config)
-    rows, batch, _ = run.rollouts.take(1)
-    actor, alg = run.actor, cfg.algorithm
-    dp_group = ps.get_data_parallel_group()
-    mine = loop._my_share(len(batch), dist.get_world_size(dp_group), dist.get_rank(dp_group))
-    rewards, _ = rollouts.compute_rewards(batch, rows, tokenizer, cfg.reward.tool_use_parser)
-    group_ids = torch.tensor(batch.prompt_index)
-    routing = route_rollouts(rewards, group_ids, alg, generator=run.rng.routing)
-    advantages = compute_group_advantages(rewards, group_ids, std_norm=alg.adv_std_norm)
+    run = build_tiny_run(overrides)
+    _, batch, mine, routing, advantages = first_step_rollouts(run)
+    actor, alg, dp_group = run.actor, run.cfg.algorithm, ps.get_data_parallel_group()
 
     def step_batch(mode: str = "rollout"):
         return rollouts.build_step_batch(
@@ -142,10 +127,10 @@ def _replay_in_ranks(overrides: list[str], train: bool):
     out["old_records_live"] = torch.equal(old.student.routes[:, :, layers][recorded], engine[recorded])
     out["old_recorded"] = int(recorded.sum())
 
-    batch.routed_experts = _random_routes(batch, Qwen3Arch.from_hf(hf_config).num_experts)
+    batch.routed_experts = _random_routes(batch, Qwen3Arch.from_hf(run.hf_config).num_experts)
     replayed = step_batch()
     out["flip_random"] = reduced(rollouts.compute_old_logp(actor, replayed, "rollout"))["moe/route_flip"]
-    hf_logp, out["flip_expected"] = _hf_forced(cfg.model.hf_dir, batch, batch.routed_experts)
+    hf_logp, out["flip_expected"] = _hf_forced(run.cfg.model.hf_dir, batch, batch.routed_experts)
     if out["last_stage"]:
         span = slice(sum(len(r) for r in batch.response_ids[: mine[0]]), None)
         hf_mine = hf_logp[span][: replayed.old_logp.numel()]

@@ -48,31 +48,17 @@ def _unequal_passes_in_ranks(overrides: list[str]):
     teacher's pass together (filler micro-batches on rank 1). Returns rank 0's teacher entropies."""
     import torch
     import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-    from tiny_training import parity_reward
+    from tiny_training import build_tiny_run, first_step_rollouts
 
-    from srpo_megatron.algorithms import compute_group_advantages, route_rollouts
-    from srpo_megatron.config import load_config
-    from srpo_megatron.trainer import loop, rollouts, setup
-    from srpo_megatron.trainer.engines import start_engine
+    from srpo_megatron.trainer import rollouts
 
-    rollouts.get_reward_fn = parity_reward
-    cfg = load_config(["configs/tiny_cpu.yaml"], overrides)
-    setup.start_distributed(cfg)
-    hf_config, tokenizer, dataset = setup.load_run_inputs(cfg)
-    run = setup.build_run(cfg, hf_config, tokenizer, dataset, *start_engine(cfg, tokenizer))
-    rows, batch, _ = run.rollouts.take(1)
-    dp_group = ps.get_data_parallel_group()
-    mine = loop._my_share(len(batch), dist.get_world_size(dp_group), dist.get_rank(dp_group))
-    rewards, _ = rollouts.compute_rewards(batch, rows, tokenizer, cfg.reward.tool_use_parser)
-    group_ids = torch.tensor(batch.prompt_index)
-    routing = route_rollouts(rewards, group_ids, cfg.algorithm, generator=run.rng.routing)
-    advantages = compute_group_advantages(rewards, group_ids)
+    run = build_tiny_run(overrides)
+    rows, batch, mine, routing, advantages = first_step_rollouts(run)
     needs = mine[:3] if dist.get_rank() == 0 else []
     siblings = torch.arange(len(batch))
-    prefixes = rollouts.teacher_prefixes(batch, needs, siblings, tokenizer, rows, 256)
+    prefixes = rollouts.teacher_prefixes(batch, needs, siblings, run.tokenizer, rows, 256)
     step = rollouts.build_step_batch(
-        batch, mine, routing, advantages, cfg.algorithm, dict(zip(needs, prefixes, strict=True)),
+        batch, mine, routing, advantages, run.cfg.algorithm, dict(zip(needs, prefixes, strict=True)),
         pad_id=0, device=torch.device("cpu"),
     )  # fmt: skip
     rollouts.compute_old_logp(run.actor, step)

@@ -42,6 +42,40 @@ def parity_reward(source, *, tool_use_parser):
     )
 
 
+def build_tiny_run(overrides: list[str]):
+    """The ``Run`` of ``configs/tiny_cpu.yaml`` + ``overrides`` in this rank (parity reward), its
+    engine holding the actor's weights."""
+    from srpo_megatron.trainer import rollouts, setup
+    from srpo_megatron.trainer.engines import start_engine
+
+    rollouts.get_reward_fn = parity_reward
+    cfg = load_config(["configs/tiny_cpu.yaml"], overrides)
+    setup.start_distributed(cfg)
+    hf_config, tokenizer, dataset = setup.load_run_inputs(cfg)
+    run = setup.build_run(cfg, hf_config, tokenizer, dataset, *start_engine(cfg, tokenizer))
+    run.weight_sync.sync(run.actor.student, run.hf_config)
+    return run
+
+
+def first_step_rollouts(run):
+    """Step 1's rollouts and what the step makes of them: (rows, batch, this data-parallel rank's
+    share, routing, advantages)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from srpo_megatron.algorithms import compute_group_advantages, route_rollouts
+    from srpo_megatron.trainer import loop, rollouts
+
+    rows, batch, _ = run.rollouts.take(1)
+    dp_group = ps.get_data_parallel_group()
+    mine = loop._my_share(len(batch), dist.get_world_size(dp_group), dist.get_rank(dp_group))
+    rewards, _ = rollouts.compute_rewards(batch, rows, run.tokenizer, run.cfg.reward.tool_use_parser)
+    group_ids = torch.tensor(batch.prompt_index)
+    routing = route_rollouts(rewards, group_ids, run.cfg.algorithm, generator=run.rng.routing)
+    advantages = compute_group_advantages(rewards, group_ids, std_norm=run.cfg.algorithm.adv_std_norm)
+    return rows, batch, mine, routing, advantages
+
+
 def train_in_ranks(overrides: list[str], check_export: bool = False, poison_loss: bool = False):
     from srpo_megatron.trainer import actor, loop, rollouts
     from srpo_megatron.trainer.step_batch import Sequences
