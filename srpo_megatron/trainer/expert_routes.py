@@ -57,7 +57,6 @@ class _LayerHook:
 
     def __init__(self, layer: int):
         self.layer = layer  # index in the routes' layer dimension
-        self.layer_number = None  # Megatron's (set_layer_number)
         self.target: torch.Tensor | None = None
         self.replay = self.compare = self.record = False
         self.recorded: torch.Tensor | None = None  # record: the live choice [T, k]
@@ -92,9 +91,8 @@ class RouteReplay:
     """The hooks on a student's routers (``install``), and per pass: which micro-batch's routes the
     routers see (``micro_batch``), and the live choices recorded (``recorded``)."""
 
-    def __init__(self, hooks: list[_LayerHook], num_layers: int, *, tp_group, sequence_parallel: bool):
+    def __init__(self, hooks: list[_LayerHook], *, tp_group, sequence_parallel: bool):
         self.hooks = hooks
-        self.num_layers = num_layers
         self.tp_group = tp_group
         self.sequence_parallel = sequence_parallel
 
@@ -107,12 +105,11 @@ class RouteReplay:
         hooks = []
         for module in model.modules():
             if isinstance(module, TopKRouter):
-                hook = _LayerHook(moe_layers.index(module.layer_number - 1))
-                hook.layer_number = module.layer_number
+                hook = _LayerHook(moe_layers.index(module.layer_number - 1))  # 1-based, global
                 module.router_replay = hook
                 hooks.append(hook)
         group = parallel_state.get_tensor_model_parallel_group()
-        return cls(hooks, len(moe_layers), tp_group=group, sequence_parallel=sequence_parallel)
+        return cls(hooks, tp_group=group, sequence_parallel=sequence_parallel)
 
     def begin(self, routes: RoutePass) -> None:
         """A pass, whose micro-batches' routes come next (``micro_batch``)."""
