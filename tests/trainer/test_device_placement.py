@@ -58,13 +58,28 @@ def audited_training_in_ranks(overrides: list[str]) -> dict[str, int]:
     return audit.checked
 
 
-@pytest.mark.parametrize(("tp", "pp"), [(2, 1), (1, 2)])
-def test_a_tiny_run_keeps_its_data_on_the_device(tiny_run_inputs, tmp_path, tp, pp):
+@pytest.mark.parametrize(
+    "layout",
+    [
+        pytest.param(["model.tp=2"], id="tp2"),
+        pytest.param(["model.tp=1", "model.pp=2"], id="pp2"),
+        # the tiny MoE: routes recorded under sequence parallelism, and replayed at expert
+        # parallelism with the ranks' agreed micro-batch plan
+        pytest.param(
+            ["moe", "model.tp=2", "model.sequence_parallel=true", "algorithm.routing_replay=old"],
+            id="moe-tp2-sp-replay-old",
+        ),
+        pytest.param(
+            ["moe", "model.tp=1", "model.ep=2", "algorithm.routing_replay=rollout"], id="moe-ep2-replay"
+        ),
+    ],
+)
+def test_a_tiny_run_keeps_its_data_on_the_device(tiny_run_inputs, tmp_path, layout):
     root = tiny_run_inputs
+    model = "moe" if layout[0] == "moe" else "model"
     overrides = [
-        f"model.hf_dir={root / 'model'}",
-        f"model.tp={tp}",
-        f"model.pp={pp}",
+        f"model.hf_dir={root / model}",
+        *layout[model == "moe" :],
         f"data.train_files=[{root / 'train.parquet'}]",
         f"data.test_files=[{root / 'test.parquet'}]",
         "eval.n_samples=2",
