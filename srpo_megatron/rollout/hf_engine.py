@@ -7,6 +7,9 @@ forward; only one step's ``[N, V]`` logits are alive at a time (``output_scores`
 ``[N, T, V]``: 20 GiB for 64 x 512 tokens of Qwen3's 151,936 vocabulary); and sampling draws from a
 private ``torch.Generator``, so a seed fixes the samples without touching the global RNG.
 
+With ``SamplingParams.record_routes`` a Qwen3-MoE's routers' choices are recorded at every position
+the model reads (``_RouteRecorder``: routing replay, trainer/expert_routes.py).
+
 Weights come in by HF name (``update_weights``, from ``weight_sync/in_process.py``), the same
 stream SGLang receives, so a mapping bug in the exporter shows up here as a train/rollout log-prob
 gap.
